@@ -1,0 +1,109 @@
+"""The `parscale-jax` command: parse, call the library, report. Errors a user can fix are one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from parscale_jax.config import Config, ConfigError, load_config, packaged_config_path, read_yaml
+
+
+def _resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return packaged_config_path(name_or_path)
+
+
+def train_config(config_arg: str | None, run_dir: Path, overrides: list[str]) -> Config:
+    """--config if given; else the config saved in an existing run directory; else the default."""
+    saved = run_dir / "config.yaml"
+    if config_arg is None and saved.is_file():
+        return load_config(base=read_yaml(saved), overrides=overrides)
+    return load_config(_resolve_config_path(config_arg or "default"), overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    name = Path(args.config).stem if args.config else "default"
+    run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    config = train_config(args.config, run_dir, args.overrides)  # validated before anything compiles
+
+    from parscale_jax.train import train
+
+    print(f"run directory: {run_dir.absolute()}")
+    started = time.perf_counter()
+    last = train(config, run_dir, progress=not args.no_progress)
+    summary = {"run_dir": str(run_dir.absolute()), "wall_time_s": round(time.perf_counter() - started, 1),
+               **{k: last[k] for k in ("step", "loss", "eval_loss", "tokens_per_s") if k in last}}
+    print(json.dumps(summary))
+    print(f"checkpoints: {run_dir / 'checkpoints'}\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
+          f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError("--run-dir", f"{run_dir} holds no config.yaml; is it a training run directory?")
+    config = load_config(base=read_yaml(saved), overrides=args.overrides)
+
+    import jax
+
+    from parscale_jax import data
+    from parscale_jax.train import make_eval_step, mean_loss, restore_latest
+
+    rows = None  # the held-out split
+    if args.text:
+        rows = data.text_file_rows(args.text, data.load_tokenizer(config.data), config.data.seq_len)
+    batches = data.eval_batches(config, rows, args.batches)
+    graphdef, state, step = restore_latest(config, run_dir)
+    loss, target_tokens = mean_loss(jax.jit(make_eval_step(graphdef)), state["params"], batches)
+    result = {"step": step, "loss": loss, "target_tokens": target_tokens,
+              "source": args.text or "held-out split"}
+    out = Path(args.out) if args.out else run_dir / f"eval_step{step}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parscale-jax", description="ParScale language models in JAX.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train or resume a run")
+    train.add_argument("--config", help="a YAML file or the name of a shipped config (default: 'default')")
+    train.add_argument("--run-dir", help="where checkpoints and logs go; an existing run resumes")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="mean next-token loss of a run's latest checkpoint")
+    evaluate.add_argument("--run-dir", required=True)
+    evaluate.add_argument("--text", help="a text file to evaluate on instead of the held-out split")
+    evaluate.add_argument("--batches", type=int, default=0, help="stop after this many batches (0: all)")
+    evaluate.add_argument("--out", help="where to write the JSON result (default: RUN_DIR/eval_stepN.json)")
+    evaluate.add_argument("overrides", nargs="*", metavar="section.key=value")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from parscale_jax.data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        print(f"parscale-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

