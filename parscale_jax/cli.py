@@ -35,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     print(f"run directory: {run_dir.absolute()}")
     started = time.perf_counter()
-    last = train(config, run_dir, progress=not args.no_progress)
+    last = train(config, run_dir, progress=not args.no_progress, stop_at=args.stop_at)
     summary = {"run_dir": str(run_dir.absolute()), "wall_time_s": round(time.perf_counter() - started, 1),
                **{k: last[k] for k in ("step", "loss", "eval_loss", "tokens_per_s") if k in last}}
     print(json.dumps(summary))
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a YAML file or the name of a shipped config (default: 'default')")
     train.add_argument("--run-dir", help="where checkpoints and logs go; an existing run resumes")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--stop-at", type=int, metavar="STEP",
+                       help="checkpoint and exit at this step; the same command resumes")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.set_defaults(func=cmd_train)
 

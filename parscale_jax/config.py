@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import types
 import typing
 from pathlib import Path
@@ -136,9 +137,20 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(key, f"expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")
@@ -178,6 +190,8 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
+    if not all(part.strip() for part in (*parents, leaf)):
+        raise ConfigError(dotted, "an override must look like section.key=value (empty name)")
     node = tree
     for part in parents:
         node = node.setdefault(part, {})
@@ -191,9 +205,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(item, "an override must look like section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. 2020-13-45, a 5000-digit int
+            raise ConfigError(key, f"cannot parse {raw!r}: {err}".splitlines()[0]) from None
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -221,8 +240,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("--config", f"file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: not UTF-8, a bad date, a huge int
         raise ConfigError("--config", f"{path} is not valid YAML: {err}".splitlines()[0]) from None
     if not isinstance(values, dict):
         raise ConfigError("--config", f"{path} must hold a mapping of sections")

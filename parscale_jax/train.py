@@ -108,7 +108,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
-        metrics = {"loss": ce_sum / n_tokens, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": ce_sum / n_tokens, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state["step"]), "tokens": n_tokens}
         return new_state, metrics
 
@@ -179,8 +179,13 @@ def save_run_config(config: Config, run_dir: Path) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
-def train(config: Config, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; returns the last logged metrics."""
+def train(config: Config, run_dir: str | Path, progress: bool = True,
+          stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; returns the last logged metrics.
+
+    `stop_at` ends the session early at that step, checkpointed, for time-sliced jobs; running
+    again continues exactly as if it had never stopped.
+    """
     run_dir = Path(run_dir)
     t = config.train
     tokenizer = data.load_tokenizer(config.data)
@@ -207,7 +212,8 @@ def train(config: Config, run_dir: str | Path, progress: bool = True) -> dict[st
                dynamic_ncols=True)
     last: dict[str, Any] = {}
     window_start, window_tokens = time.perf_counter(), 0
-    for step in range(start + 1, t.steps + 1):
+    end = min(stop_at or t.steps, t.steps)
+    for step in range(start + 1, end + 1):
         state, metrics = train_step(state, next(train_iter))
         window_tokens += t.batch_size * config.data.seq_len
         bar.update(1)
@@ -224,7 +230,7 @@ def train(config: Config, run_dir: str | Path, progress: bool = True) -> dict[st
             logger.log(last)
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             window_start, window_tokens = time.perf_counter(), 0
-        if step % config.checkpoint.every == 0 or step == t.steps:
+        if step % config.checkpoint.every == 0 or step == end:
             checkpointer.save(step, state, train_iter, to_dict(config))
     bar.close()
     checkpointer.wait()

