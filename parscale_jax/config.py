@@ -165,7 +165,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in values.items():
-        key = prefix + str(name)
+        key = prefix + (str(name) or "''")
         if name not in names:
             raise ConfigError(key, f"unknown key{_closest(str(name), names)}")
         if dataclasses.is_dataclass(hints[name]):
@@ -207,7 +207,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(item, "an override must look like section.key=value")
+            raise ConfigError(item if item.strip() else repr(item),
+                              "an override must look like section.key=value")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. 2020-13-45, a 5000-digit int

@@ -240,6 +240,9 @@ ERRORS = [
     # malformed overrides
     (["model.parscale_n"], "model.parscale_n", "section.key=value"),
     (["=4"], "=4", "section.key=value"),
+    ([""], "''", "section.key=value"),
+    (["model..parscale_n=2"], "model..parscale_n", "empty name"),
+    ([".=2"], ".", "empty name"),
     (["model.parscale_n=[1, 2"], "model.parscale_n", "cannot parse"),
     (["train.steps=2024-13-45"], "train.steps", "cannot parse"),
     (["model.parscale_n=!!python/object:os.system x"], "model.parscale_n", "cannot parse"),
@@ -304,6 +307,15 @@ def test_yaml_that_is_not_a_mapping(tmp_path, text):
     path.write_text(text)
     err = config_error([], path)
     assert err.key == "--config" and "mapping" in str(err)
+
+
+@pytest.mark.parametrize("text,key", [("'': 1\n", "''"), ("model:\n  '': 1\n", "model.''"),
+                                      ("1: 2\n", "1"), ("~: 2\n", "None")])
+def test_odd_keys_in_a_file_are_unknown_keys(tmp_path, text, key):
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    err = config_error([], path)
+    assert err.key == key and "unknown key" in str(err)
 
 
 def test_section_that_is_not_a_mapping_in_a_file(tmp_path):
@@ -389,7 +401,7 @@ def test_random_override_keys(key, value, raw):
 @given(st.lists(st.text(max_size=30), max_size=3))
 def test_random_override_strings(items):
     # Any text at all: the key is the text up to the first '=', or the whole item if it is malformed.
-    offending = items + [i.partition("=")[0].strip() for i in items]
+    offending = items + [repr(i) for i in items] + [i.partition("=")[0].strip() for i in items]
     check_outcome(lambda: load_config(None, items), offending)
 
 
@@ -401,4 +413,57 @@ def test_random_override_strings(items):
 def test_random_yaml_files(tmp_path, text):
     path = tmp_path / "random.yaml"
     path.write_text(text, encoding="utf-8")
-    check_outcome(lambda: load_config(path, []), ["--config"])
+    try:
+        parsed = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError):
+        parsed = None
+    top = [str(k) or "''" for k in parsed] if isinstance(parsed, dict) else []
+    check_outcome(lambda: load_config(path, []), ["--config", *top])
+
+
+FIELD_TYPES = {f"{section}.{name}": hint
+               for section, cls in typing.get_type_hints(Config).items()
+               for name, hint in typing.get_type_hints(cls).items()}
+CHOICES = {"model.dtype": ["float32", "bfloat16", "float16"], "model.param_dtype": ["float32", "bfloat16"],
+           "model.remat": ["none", "full", "dots", "dots_no_batch", "qkv_proj"],
+           "train.schedule": ["cosine", "wsd", "constant"], "data.corpus": ["shakespeare", "files"],
+           "data.tokenizer": ["byte"], "data.text_key": ["text", "content"]}
+
+
+@st.composite
+def plausible_override(draw):
+    """A well-typed value in a small range, so that many drawn configs are valid."""
+    key = draw(st.sampled_from(LEAF_KEYS))
+    hint = FIELD_TYPES[key]
+    if key in CHOICES:
+        value = draw(st.sampled_from(CHOICES[key]))
+    elif hint is bool:
+        value = draw(st.booleans())
+    elif hint is float:
+        value = draw(st.one_of(st.floats(0.0, 1.0), st.integers(0, 2)))
+    elif hint is int or key == "model.head_dim":
+        value = draw(st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300]))
+    else:  # data.paths
+        value = draw(st.lists(st.sampled_from(["a.txt", "b.jsonl", "corpus/"]), max_size=2))
+    return key, value
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(plausible_override(), max_size=4))
+def test_plausible_overrides_are_applied_exactly(pairs):
+    items = [f"{key}={render(value, raw=False)}" for key, value in pairs]
+    check_outcome(lambda: load_config(None, items), [key for key, _ in pairs])
+    try:
+        config = load_config(None, items)
+    except ConfigError:
+        return
+    for key, value in dict(pairs).items():  # later overrides win
+        section, name = key.split(".")
+        got = getattr(getattr(config, section), name)
+        hint = FIELD_TYPES[key]
+        if hint in (int, float, bool, str):
+            assert got == value and type(got) is hint, key
+        elif key == "data.paths":
+            assert got == tuple(value), key
+        else:  # head_dim
+            assert got == value, key
