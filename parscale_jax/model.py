@@ -232,8 +232,10 @@ class ParScaleLM(nnx.Module):
             return h_PBSD[0], jnp.ones((B, S, 1), jnp.float32)
         dtype = jnp.dtype(self.config.dtype)
         x_BSF = jnp.moveaxis(h_PBSD, 0, 2).reshape(B, S, P * D)
-        hidden_BSD = nnx.silu(x_BSF @ self.aggregate_in_kernel[...].astype(dtype) + self.aggregate_in_bias[...].astype(dtype))
-        logits_BSP = hidden_BSD @ self.aggregate_out_kernel[...].astype(dtype) + self.aggregate_out_bias[...].astype(dtype)
+        hidden_BSD = nnx.silu(x_BSF @ self.aggregate_in_kernel[...].astype(dtype)
+                              + self.aggregate_in_bias[...].astype(dtype))
+        logits_BSP = (hidden_BSD @ self.aggregate_out_kernel[...].astype(dtype)
+                      + self.aggregate_out_bias[...].astype(dtype))
         weights_BSP = jax.nn.softmax(logits_BSP.astype(jnp.float32), axis=-1)
         eps = self.config.parscale_attn_smooth
         weights_BSP = weights_BSP * (1.0 - eps) + eps / P

@@ -7,7 +7,6 @@ parameters as a nested dict, turned back into the NNX model inside the loss with
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from parscale_jax import data
 from parscale_jax.checkpoint import Checkpointer
-from parscale_jax.config import Config, ConfigError, TrainConfig, to_dict
+from parscale_jax.config import Config, TrainConfig, to_dict
 from parscale_jax.counting import train_flops_per_token
 from parscale_jax.logger import MetricsLogger
 from parscale_jax.model import init_params, model_graphdef
@@ -150,12 +149,6 @@ def create_state_fn(config: Config):
     return model_graphdef(config.model), optimizer, create_state
 
 
-def check_tokenizer(config: Config, tokenizer) -> None:
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the tokenizer's "
-                                              f"vocabulary ({tokenizer.vocab_size})")
-
-
 def restore_latest(config: Config, run_dir: Path) -> tuple[nnx.GraphDef, dict, int]:
     """(graphdef, train state, step) of the newest complete checkpoint in `run_dir`."""
     graphdef, _, create_state = create_state_fn(config)
@@ -188,8 +181,6 @@ def train(config: Config, run_dir: str | Path, progress: bool = True,
     """
     run_dir = Path(run_dir)
     t = config.train
-    tokenizer = data.load_tokenizer(config.data)
-    check_tokenizer(config, tokenizer)
     train_iter = iter(data.train_dataset(config, jax.process_index(), jax.process_count()))
 
     graphdef, optimizer, create_state = create_state_fn(config)

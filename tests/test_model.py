@@ -231,3 +231,14 @@ def test_bfloat16_compute_with_float32_parameters():
     logits32 = forward(make_model(cfg32), ids)
     assert bool(jnp.all(jnp.isfinite(logits16.astype(jnp.float32))))
     np.testing.assert_allclose(logits16.astype(jnp.float32), logits32, atol=0.1, rtol=0.1)
+
+
+def test_paper_shape_traces_its_36_layers_as_one_scan():
+    """The layers are stacked and scanned, not unrolled, so a 36-layer model compiles like one layer."""
+    cfg = load_config(packaged_config_path("paper_1.6b"), ["model.parscale_n=8"]).model
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0))))
+    ids = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda state, ids: nnx.merge(graphdef, state)(ids))(state, ids)
+    scans = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan"]
+    assert [eqn.params["length"] for eqn in scans] == [36]
+    assert len(jaxpr.jaxpr.eqns) < 100
