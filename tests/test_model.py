@@ -15,7 +15,8 @@ from parscale_jax.counting import non_embedding_params, parscale_extra_params
 from parscale_jax.hf import read_hf_checkpoint
 from parscale_jax.model import ParScaleLM, ParScaleParam, apply_rope, attention_mask, rope_tables, run_layers
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Outputs of the official implementation and the paper's loss table, copied from shared/data.
+SHARED = Path(__file__).resolve().parent / "data"
 REFERENCE = SHARED / "official_reference"
 
 
