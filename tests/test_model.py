@@ -13,7 +13,8 @@ from flax import nnx
 from parscale_jax.config import ModelConfig, load_config, packaged_config_path, validate_model
 from parscale_jax.counting import non_embedding_params, parscale_extra_params
 from parscale_jax.hf import read_hf_checkpoint
-from parscale_jax.model import ParScaleLM, ParScaleParam, apply_rope, attention_mask, rope_tables, run_layers
+from parscale_jax.model import (ParScaleLM, ParScaleParam, apply_rope, attention_mask, model_graphdef, rope_tables,
+                                run_layers)
 
 # Outputs of the official implementation and the paper's loss table, copied from shared/data.
 SHARED = Path(__file__).resolve().parent / "data"
@@ -47,10 +48,7 @@ def tokens(shape, seed=1, vocab=64):
 
 def load_reference(P: int) -> ParScaleLM:
     cfg, pure = read_hf_checkpoint(REFERENCE / f"tiny_p{P}")
-    _, state = nnx.split(nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0))))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-    return nnx.merge(graphdef, state)
+    return nnx.merge(model_graphdef(cfg), nnx.State(jax.tree.map(jnp.asarray, pure)))
 
 
 @pytest.mark.parametrize("P", [1, 2, 4])
