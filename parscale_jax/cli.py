@@ -31,16 +31,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     config = train_config(args.config, run_dir, args.overrides)  # validated before anything compiles
 
+    import jax
+
+    from parscale_jax.config import resolve_mesh
     from parscale_jax.train import train
 
-    print(f"run directory: {run_dir.absolute()}")
+    resolve_mesh(config, jax.device_count())  # and the mesh against the devices
+    is_main = jax.process_index() == 0
+    if is_main:
+        print(f"run directory: {run_dir.absolute()}")
     started = time.perf_counter()
     last = train(config, run_dir, progress=not args.no_progress, stop_at=args.stop_at)
     summary = {"run_dir": str(run_dir.absolute()), "wall_time_s": round(time.perf_counter() - started, 1),
                **{k: last[k] for k in ("step", "loss", "eval_loss", "tokens_per_s") if k in last}}
-    print(json.dumps(summary))
-    print(f"checkpoints: {run_dir / 'checkpoints'}\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
-          f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    if is_main:
+        print(json.dumps(summary))
+        print(f"checkpoints: {run_dir / 'checkpoints'}\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
+              f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
 
 
@@ -54,14 +61,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import jax
 
     from parscale_jax import data
-    from parscale_jax.train import make_eval_step, mean_loss, restore_latest
+    from parscale_jax.sharding import Layout
+    from parscale_jax.train import jit_eval_step, mean_loss, placed_eval_batches, restore_latest
 
     rows = None  # the held-out split
     if args.text:
         rows = data.text_file_rows(args.text, data.load_tokenizer(config.data), config.data.seq_len)
-    batches = data.eval_batches(config, rows, args.batches)
-    graphdef, state, step = restore_latest(config, run_dir)
-    loss, target_tokens = mean_loss(jax.jit(make_eval_step(graphdef)), state["params"], batches)
+    layout = Layout.create(config)
+    with jax.set_mesh(layout.mesh):
+        batches = placed_eval_batches(config, layout, rows, args.batches)
+        graphdef, state, step = restore_latest(config, run_dir, layout)
+        loss, target_tokens = mean_loss(jit_eval_step(graphdef, layout, state["params"]), state["params"], batches)
     result = {"step": step, "loss": loss, "target_tokens": target_tokens,
               "source": args.text or "held-out split"}
     out = Path(args.out) if args.out else run_dir / f"eval_step{step}.json"
@@ -73,6 +83,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parscale-jax", description="ParScale language models in JAX.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    multi_host = parser.add_argument_group(
+        "multi-host", "automatic on TPU pods, SLURM and Open MPI; elsewhere name the coordinator "
+        "(or set PARSCALE_COORDINATOR, PARSCALE_NUM_PROCESSES, PARSCALE_PROCESS_ID)")
+    multi_host.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    multi_host.add_argument("--num-processes", type=int, metavar="N")
+    multi_host.add_argument("--process-id", type=int, metavar="I")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train or resume a run")
@@ -99,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     from parscale_jax.data import DataError
 
     try:
+        if args.command in ("train", "eval"):
+            from parscale_jax import distributed
+
+            setup = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            if setup != "single process":
+                print(setup, flush=True)
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as err:
         if args.debug:

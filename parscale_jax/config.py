@@ -96,10 +96,22 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh (data, stream, model); see parscale_jax/sharding.py for what each axis holds."""
+
+    data: int = -1  # batch rows; -1: every device that stream and model leave
+    stream: int = 1  # the P parallel streams (and their prefixes); must divide P
+    model: int = 1  # tensor parallelism: heads, MLP width, vocabulary
+    fsdp: bool = False  # also shard parameters and optimizer state over `data` (ZeRO-3)
+    dcn_data: int = 1  # multi-slice TPU: slices, joined over the data-center network along `data`
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
 
@@ -303,6 +315,54 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     return m
 
 
+def validate_mesh(mesh: MeshConfig, m: ModelConfig, t: TrainConfig) -> None:
+    """The mesh rules that hold for any device count (an axis of -1 is checked once resolved)."""
+    sizes = {"data": mesh.data, "stream": mesh.stream, "model": mesh.model}
+    for name, size in sizes.items():
+        _require(size >= 1 or size == -1, f"mesh.{name}", f"must be >= 1 or -1 (fill), got {size}")
+    filled = [name for name, size in sizes.items() if size == -1]
+    _require(len(filled) <= 1, f"mesh.{filled[-1] if filled else 'data'}",
+             f"only one axis may be -1 (fill), got {', '.join(filled)}")
+    _require(mesh.dcn_data >= 1, "mesh.dcn_data", f"must be >= 1, got {mesh.dcn_data}")
+    if mesh.stream > 0:
+        _require(m.parscale_n % mesh.stream == 0, "mesh.stream",
+                 f"{mesh.stream} devices do not divide the {m.parscale_n} streams (model.parscale_n)")
+    if mesh.model > 0:
+        for name in ("num_heads", "intermediate_size", "vocab_size"):
+            size = getattr(m, name)
+            _require(size % mesh.model == 0, "mesh.model",
+                     f"model.{name}={size} is not divisible by mesh.model={mesh.model}")
+    if mesh.data > 0:
+        _require(mesh.data % mesh.dcn_data == 0, "mesh.dcn_data",
+                 f"{mesh.dcn_data} slices do not divide mesh.data={mesh.data}")
+        micro_batch = t.batch_size // t.grad_accum
+        _require(micro_batch % mesh.data == 0, "mesh.data",
+                 f"the micro-batch of {micro_batch} rows (train.batch_size / train.grad_accum) "
+                 f"does not split over mesh.data={mesh.data} devices")
+        if mesh.fsdp:
+            _require(m.hidden_size % mesh.data == 0, "mesh.fsdp",
+                     f"model.hidden_size={m.hidden_size} is not divisible by mesh.data={mesh.data}")
+
+
+def resolve_mesh(config: Config, num_devices: int) -> MeshConfig:
+    """`config.mesh` with its -1 axis filled in for `num_devices`, checked against them."""
+    mesh = config.mesh
+    sizes = {"data": mesh.data, "stream": mesh.stream, "model": mesh.model}
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    shape = " x ".join(f"{name}={size}" for name, size in sizes.items())
+    for name, size in sizes.items():
+        if size == -1:
+            _require(num_devices % fixed == 0, f"mesh.{name}",
+                     f"cannot fill: {num_devices} devices do not split into {shape}")
+            mesh = dataclasses.replace(mesh, **{name: num_devices // fixed})
+    resolved = mesh.data * mesh.stream * mesh.model
+    _require(resolved == num_devices, "mesh",
+             f"data={mesh.data} x stream={mesh.stream} x model={mesh.model} = {resolved} devices, "
+             f"but {num_devices} are available (set one axis to -1 to fill)")
+    validate_mesh(mesh, config.model, config.train)
+    return mesh
+
+
 def validate(config: Config) -> Config:
     """Check every cross-field rule; return the config with derived fields (head_dim) filled in."""
     m = validate_model(config.model)
@@ -334,6 +394,8 @@ def validate(config: Config) -> Config:
         _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     _require(0.0 <= t.b1 < 1.0, "train.b1", f"must lie in [0, 1), got {t.b1}")
     _require(0.0 <= t.b2 < 1.0, "train.b2", f"must lie in [0, 1), got {t.b2}")
+
+    validate_mesh(config.mesh, m, t)
 
     _require(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")

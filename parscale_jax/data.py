@@ -229,25 +229,26 @@ def _check_vocab(config: Config) -> None:
 # --- Pipelines ---
 
 
-def _process_slice(batch: Rows, process_index: int, process_count: int) -> Rows:
-    rows = len(batch["tokens"]) // process_count
-    return {key: value[process_index * rows : (process_index + 1) * rows] for key, value in batch.items()}
+def _take_rows(batch: Rows, rows: slice) -> Rows:
+    return {key: value[rows] for key, value in batch.items()}
 
 
-def train_dataset(config: Config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Endless shuffled global batches of the train split; this process keeps its contiguous slice."""
+def train_dataset(config: Config, rows: slice = slice(None)) -> grain.IterDataset:
+    """Endless shuffled global batches of the train split, of which this process keeps `rows`.
+
+    Every process builds the same global batches, so the data a step sees does not depend on how
+    many hosts share it (`sharding.Layout.process_rows` says which rows are this host's).
+    """
     batch_size = config.train.batch_size
-    if batch_size % process_count:
-        raise DataError(f"train.batch_size={batch_size} does not split over {process_count} processes")
     _check_vocab(config)
-    rows = _split_rows(config.data, "train")
+    split = _split_rows(config.data, "train")
     dataset = (
-        grain.MapDataset.range(len(rows["tokens"]))
-        .map(lambda i: {key: value[i] for key, value in rows.items()})
+        grain.MapDataset.range(len(split["tokens"]))
+        .map(lambda i: {key: value[i] for key, value in split.items()})
         .shuffle(seed=config.data.seed)
         .repeat()  # reseeds the shuffle in every epoch
         .batch(batch_size, drop_remainder=True)
-        .map(functools.partial(_process_slice, process_index=process_index, process_count=process_count))
+        .map(functools.partial(_take_rows, rows=rows))
     )
     return dataset.to_iter_dataset(READ_OPTIONS)
 

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from parscale_jax.config import ModelConfig
+from parscale_jax.sharding import constrain
 
 
 class ParScaleParam(nnx.Param):
@@ -167,7 +168,8 @@ def run_layers(layers_def, shared_state, prefix_state, x_BSD, cos_BSH, sin_BSH, 
         prefix_k = prefix_v = None
         if len(layer_states[1]) > 0:
             prefix_k, prefix_v = block.self_attn.prefix_k[...], block.self_attn.prefix_v[...]
-        return block(x_BSD, cos_BSH, sin_BSH, mask_BSS, prefix_k, prefix_v), None
+        x_BSD = block(x_BSD, cos_BSH, sin_BSH, mask_BSS, prefix_k, prefix_v)
+        return constrain(x_BSD, ("batch", "length", "act_embed")), None
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
@@ -254,8 +256,9 @@ class ParScaleLM(nnx.Module):
         if segment_ids_BS is None:
             segment_ids_BS = jnp.ones_like(tokens_BS)
         x_BSD = self.embed_tokens(tokens_BS)  # embedded once, shared by all streams
+        x_BSD = constrain(x_BSD, ("batch", "length", "act_embed"))
         h_BSD, _ = self.aggregate(self.streams(x_BSD, positions_BS, segment_ids_BS))
-        return self.lm_logits(h_BSD)
+        return constrain(self.lm_logits(h_BSD), ("batch", "length", "act_vocab"))
 
 
 def model_graphdef(cfg: ModelConfig) -> nnx.GraphDef:

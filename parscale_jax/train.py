@@ -25,6 +25,7 @@ from parscale_jax.config import Config, TrainConfig, to_dict
 from parscale_jax.counting import train_flops_per_token
 from parscale_jax.logger import MetricsLogger
 from parscale_jax.model import init_params, model_graphdef
+from parscale_jax.sharding import Layout, constrain, with_shardings
 
 Batch = dict[str, jax.Array]
 
@@ -91,8 +92,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
         params = state["params"]
-        # Gradient accumulation: scan over micro-batches, summing float32 gradients.
-        micro_batches = jax.tree.map(lambda x: x.reshape(t.grad_accum, -1, *x.shape[1:]), batch)
+        # Gradient accumulation: scan over micro-batches, summing float32 gradients. Micro-batch a
+        # takes rows a, a+A, a+2A, ..., so each one stays spread over the `data` devices as is.
+        micro_batches = jax.tree.map(
+            lambda x: constrain(jnp.swapaxes(x.reshape(-1, t.grad_accum, *x.shape[1:]), 0, 1),
+                                (None, "batch", "length")), batch)
 
         def accumulate(carry, micro_batch):
             grads, ce_sum, n_tokens = carry
@@ -112,6 +116,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, t: TrainConfig,
+                   layout: Layout, state_shardings: dict):
+    """The train step compiled for `layout`: state stays where the rules put it and is donated."""
+    return jax.jit(make_train_step(graphdef, optimizer, t), donate_argnums=0,
+                   in_shardings=(state_shardings, layout.batch_sharding()),
+                   out_shardings=(state_shardings, layout.replicated()))
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], tuple[jax.Array, jax.Array]]:
@@ -149,16 +161,34 @@ def create_state_fn(config: Config):
     return model_graphdef(config.model), optimizer, create_state
 
 
-def restore_latest(config: Config, run_dir: Path) -> tuple[nnx.GraphDef, dict, int]:
-    """(graphdef, train state, step) of the newest complete checkpoint in `run_dir`."""
+def restore_latest(config: Config, run_dir: Path, layout: Layout) -> tuple[nnx.GraphDef, dict, int]:
+    """(graphdef, train state on `layout`, step) of the newest complete checkpoint in `run_dir`."""
     graphdef, _, create_state = create_state_fn(config)
     checkpointer = Checkpointer(run_dir, config.checkpoint)
     step = checkpointer.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-    state = checkpointer.restore(step, jax.eval_shape(create_state))
+    abstract_state = jax.eval_shape(create_state)
+    state = checkpointer.restore(step, with_shardings(abstract_state, layout.state_shardings(abstract_state)))
     checkpointer.close()
     return graphdef, state, step
+
+
+def jit_eval_step(graphdef: nnx.GraphDef, layout: Layout, params: dict):
+    """The eval step compiled for `params` as laid out on `layout`."""
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(make_eval_step(graphdef), in_shardings=(shardings, layout.batch_sharding()),
+                   out_shardings=layout.replicated())
+
+
+def placed_eval_batches(config: Config, layout: Layout, rows: data.Rows | None = None,
+                        limit: int = 0) -> Iterable[Batch]:
+    """`data.eval_batches` as global arrays on the mesh, each process supplying its own rows."""
+    batch_size = config.train.batch_size
+    mine = layout.process_rows(batch_size)
+    batches = data.eval_batches(config, rows, limit)  # a bad corpus fails here, not mid-loop
+    return (layout.put_batch({key: value[mine] for key, value in batch.items()}, batch_size)
+            for batch in batches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +196,8 @@ def restore_latest(config: Config, run_dir: Path) -> tuple[nnx.GraphDef, dict, i
 
 
 def save_run_config(config: Config, run_dir: Path) -> None:
+    if jax.process_index() != 0:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -181,50 +213,55 @@ def train(config: Config, run_dir: str | Path, progress: bool = True,
     """
     run_dir = Path(run_dir)
     t = config.train
-    train_iter = iter(data.train_dataset(config, jax.process_index(), jax.process_count()))
+    layout = Layout.create(config)  # checks the mesh against the devices before anything compiles
+    with jax.set_mesh(layout.mesh):  # model.py's activation constraints refer to it
+        my_rows = layout.process_rows(t.batch_size)
+        train_iter = iter(data.train_dataset(config, my_rows))
 
-    graphdef, optimizer, create_state = create_state_fn(config)
-    checkpointer = Checkpointer(run_dir, config.checkpoint)
-    start = checkpointer.latest_step()
-    if start is None:
-        start = 0
-        state = jax.jit(create_state)()
-    else:
-        state = checkpointer.restore(start, jax.eval_shape(create_state), train_iter)
-    save_run_config(config, run_dir)
+        graphdef, optimizer, create_state = create_state_fn(config)
+        abstract_state = jax.eval_shape(create_state)
+        state_shardings = layout.state_shardings(abstract_state)
+        checkpointer = Checkpointer(run_dir, config.checkpoint)
+        start = checkpointer.latest_step()
+        if start is None:
+            start = 0
+            state = jax.jit(create_state, out_shardings=state_shardings)()
+        else:
+            state = checkpointer.restore(start, with_shardings(abstract_state, state_shardings), train_iter)
+        save_run_config(config, run_dir)
 
-    is_main = jax.process_index() == 0
-    logger = MetricsLogger(run_dir, enabled=is_main, resume_step=start)
-    train_step = jax.jit(make_train_step(graphdef, optimizer, t), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef))
-    flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
+        is_main = jax.process_index() == 0
+        logger = MetricsLogger(run_dir, enabled=is_main, resume_step=start)
+        train_step = jit_train_step(graphdef, optimizer, t, layout, state_shardings)
+        eval_step = jit_eval_step(graphdef, layout, state["params"])
+        flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
 
-    bar = tqdm(total=t.steps, initial=start, disable=not (progress and is_main), unit="step",
-               dynamic_ncols=True)
-    last: dict[str, Any] = {}
-    window_start, window_tokens = time.perf_counter(), 0
-    end = min(stop_at or t.steps, t.steps)
-    for step in range(start + 1, end + 1):
-        state, metrics = train_step(state, next(train_iter))
-        window_tokens += t.batch_size * config.data.seq_len
-        bar.update(1)
-        if step % t.log_every == 0 or step == t.steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
-            last = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"],
-                    "grad_norm": metrics["grad_norm"], "tokens_per_s": tokens_per_s,
-                    "tflops_per_s": tokens_per_s * flops_per_token / 1e12}
-            if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                last["eval_loss"], _ = mean_loss(eval_step, state["params"],
-                                                 data.eval_batches(config, None, t.eval_batches))
-            logger.log(last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
-        if step % config.checkpoint.every == 0 or step == end:
-            checkpointer.save(step, state, train_iter, to_dict(config))
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    logger.close()
-    return last
+        bar = tqdm(total=t.steps, initial=start, disable=not (progress and is_main), unit="step",
+                   dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        window_start, window_tokens = time.perf_counter(), 0
+        end = min(stop_at or t.steps, t.steps)
+        for step in range(start + 1, end + 1):
+            state, metrics = train_step(state, layout.put_batch(next(train_iter), t.batch_size))
+            window_tokens += t.batch_size * config.data.seq_len
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / elapsed
+                last = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"],
+                        "grad_norm": metrics["grad_norm"], "tokens_per_s": tokens_per_s,
+                        "tflops_per_s": tokens_per_s * flops_per_token / 1e12}
+                if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                    last["eval_loss"], _ = mean_loss(eval_step, state["params"],
+                                                     placed_eval_batches(config, layout, None, t.eval_batches))
+                logger.log(last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if step % config.checkpoint.every == 0 or step == end:
+                checkpointer.save(step, state, train_iter, to_dict(config))
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+        return last

@@ -43,6 +43,15 @@ CASES = {
     "malformed": (["model.parscale_n"], ["model.parscale_n", "section.key=value"]),
     "unparsable": (["model.parscale_n=[2"], ["model.parscale_n", "cannot parse"]),
     "files without paths": (["data.corpus=files"], ["data.paths", "at least one path"]),
+    "mesh larger than the devices": (["mesh.data=2"], ["mesh", "= 2 devices, but 1 are available"]),
+    "two filled mesh axes": (["mesh.model=-1"], ["mesh.model", "only one axis may be -1"]),
+    "streams not divisible": (["model.parscale_n=4", "mesh.stream=3"],
+                              ["mesh.stream", "3 devices do not divide the 4 streams"]),
+    "heads not divisible": (["mesh.model=3", "mesh.data=1"],
+                            ["mesh.model", "model.num_heads=4 is not divisible by mesh.model=3"]),
+    "batch not divisible": (["mesh.data=3"], ["mesh.data", "micro-batch of 16 rows", "3 devices"]),
+    "fsdp hidden not divisible": (["mesh.data=16", "mesh.fsdp=true", "model.hidden_size=120"],
+                                  ["mesh.fsdp", "hidden_size=120 is not divisible by mesh.data=16"]),
 }
 
 

@@ -261,14 +261,12 @@ def test_train_reshuffles_every_epoch(corpus_config: Config):
 
 def test_processes_split_the_global_batch(corpus_config: Config):
     whole = _take(iter(data.train_dataset(corpus_config)), 4)
-    halves = [_take(iter(data.train_dataset(corpus_config, i, 2)), 4) for i in range(2)]
+    halves = [_take(iter(data.train_dataset(corpus_config, rows)), 4) for rows in (slice(0, 2), slice(2, 4))]
     for step, batch in enumerate(whole):
         for key in batch:
             assert halves[0][step][key].shape == (2, 16)
             np.testing.assert_array_equal(
                 np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key])
-    with pytest.raises(DataError, match="batch_size=4 does not split over 3 processes"):
-        data.train_dataset(corpus_config, 0, 3)
 
 
 def test_iterator_state_resumes_exactly(corpus_config: Config):

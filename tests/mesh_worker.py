@@ -1,0 +1,122 @@
+"""Trains one tiny config on several meshes of 8 CPU devices; `test_sharding.py` runs it in a subprocess.
+
+    python tests/mesh_worker.py OUT_DIR
+
+writes OUT_DIR/results.json (losses, grad norms and shardings per mesh) and OUT_DIR/<mesh>.npz
+(the first step's gradients). The helpers are imported by the test too, to compute the
+single-device reference the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+MESHES = {  # name: (data, stream, model)
+    "8x1x1": (8, 1, 1),
+    "2x2x2": (2, 2, 2),
+    "1x2x4": (1, 2, 4),
+    "2x1x4": (2, 1, 4),
+}
+# Parameters whose shardings the test checks, by path.
+CHECKED_PARAMS = {
+    "embedding": ("embed_tokens", "embedding"),
+    "q_proj": ("layers", "self_attn", "q_proj", "kernel"),
+    "k_proj": ("layers", "self_attn", "k_proj", "kernel"),
+    "o_proj": ("layers", "self_attn", "o_proj", "kernel"),
+    "down_proj": ("layers", "mlp", "down_proj", "kernel"),
+    "prefix_k": ("layers", "self_attn", "prefix_k"),
+    "norm": ("norm", "weight"),
+    "aggregate_in_kernel": ("aggregate_in_kernel",),
+}
+
+
+def tiny_config(*overrides: str):
+    from parscale_jax.config import load_config
+
+    return load_config(overrides=[
+        "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=4", "model.parscale_n=4", "model.parscale_n_tokens=4",
+        "data.seq_len=32", "train.batch_size=8", "train.steps=4", "train.warmup_steps=1", "train.lr=1e-2",
+        "train.log_every=1", "train.eval_every=0", "checkpoint.every=2", "checkpoint.async_save=false",
+        *overrides])
+
+
+def mesh_overrides(shape: tuple[int, int, int], fsdp: bool) -> list[str]:
+    data, stream, model = shape
+    return [f"mesh.data={data}", f"mesh.stream={stream}", f"mesh.model={model}", f"mesh.fsdp={str(fsdp).lower()}"]
+
+
+def logged(run_dir: Path, key: str) -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line[key] for line in sorted(lines, key=lambda line: line["step"])]
+
+
+def first_gradients(config) -> dict[str, np.ndarray]:
+    """Gradients of the mean loss at the initial state on the first batch, computed on config's mesh."""
+    from parscale_jax import data
+    from parscale_jax.sharding import Layout
+    from parscale_jax.train import create_state_fn, loss_sums
+
+    layout = Layout.create(config)
+    graphdef, _, create_state = create_state_fn(config)
+    with jax.set_mesh(layout.mesh):
+        shardings = layout.state_shardings(jax.eval_shape(create_state))
+        params = jax.jit(create_state, out_shardings=shardings)()["params"]
+        rows = layout.process_rows(config.train.batch_size)
+        batch = layout.put_batch(next(iter(data.train_dataset(config, rows))), config.train.batch_size)
+
+        def mean_loss_grads(params, batch):
+            grads, (_, n_tokens) = jax.grad(loss_sums, has_aux=True)(params, graphdef, batch, 0.0)
+            return jax.tree.map(lambda g: g / n_tokens, grads)
+
+        grads = jax.jit(mean_loss_grads, in_shardings=(shardings["params"], layout.batch_sharding()),
+                        out_shardings=shardings["params"])(params, batch)
+    return {"/".join(str(k.key) for k in path): np.asarray(g)
+            for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+
+
+def checked_specs(state: dict) -> dict[str, list]:
+    """PartitionSpecs (as lists) of the checked parameters and of their Adam moments."""
+    specs = {}
+    adam = state["opt_state"][1][0]  # chain(clip, adamw): adamw = (scale_by_adam, ...)
+    for name, path in CHECKED_PARAMS.items():
+        for kind, tree in (("param", state["params"]), ("mu", adam.mu), ("nu", adam.nu)):
+            leaf = tree
+            for key in path:
+                leaf = leaf[key]
+            specs[f"{kind}:{name}"] = [list(a) if isinstance(a, tuple) else a for a in leaf.sharding.spec]
+    return specs
+
+
+def main(out_dir: Path) -> None:
+    from parscale_jax.sharding import Layout
+    from parscale_jax.train import restore_latest, train
+
+    results = {}
+    for name, shape in MESHES.items():
+        for fsdp in (False, True):
+            key = f"{name}{'-fsdp' if fsdp else ''}"
+            config = tiny_config(*mesh_overrides(shape, fsdp))
+            run_dir = out_dir / key
+            train(config, run_dir, progress=False)
+            _, state, _ = restore_latest(config, run_dir, Layout.create(config))
+            results[key] = {"losses": logged(run_dir, "loss"), "grad_norms": logged(run_dir, "grad_norm"),
+                            "specs": checked_specs(state)}
+            np.savez(out_dir / f"{key}.npz", **first_gradients(config))
+
+    # A checkpoint written on one mesh, resumed on another.
+    run_dir = out_dir / "resume"
+    train(tiny_config(*mesh_overrides((2, 2, 2), True)), run_dir, progress=False, stop_at=2)
+    train(tiny_config(*mesh_overrides((1, 2, 4), False)), run_dir, progress=False)
+    results["resume"] = {"losses": logged(run_dir, "loss")}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_num_cpu_devices", 8)
+    main(Path(sys.argv[1]))

@@ -1,0 +1,128 @@
+"""Sharded training equals single-device training: 8 CPU devices, four mesh shapes, FSDP on and off.
+
+`mesh_worker.py` trains in a subprocess with 8 devices (this process has one); the reference runs
+here. Tolerance: losses and gradient norms within 1e-5 absolute (they are ~5 and ~2), every
+gradient tensor within 2e-5 of its largest entry; measured differences are below 4e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import mesh_worker
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from parscale_jax.config import ConfigError, load_config
+from parscale_jax.sharding import PARAM_AXES, Layout, param_logical_axes, param_rules, param_spec
+from parscale_jax.train import train
+
+RUNS = [f"{name}{suffix}" for name in mesh_worker.MESHES for suffix in ("", "-fsdp")]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("mesh")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, str(Path(mesh_worker.__file__)), str(out)], check=True, env=env,
+                   timeout=900)
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    config = mesh_worker.tiny_config()
+    assert jax.device_count() == 1
+    train(config, run_dir, progress=False)
+    return {"losses": mesh_worker.logged(run_dir, "loss"), "grad_norms": mesh_worker.logged(run_dir, "grad_norm"),
+            "grads": mesh_worker.first_gradients(config)}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_losses_and_gradients_equal_one_device(sharded, reference, run):
+    out, results = sharded
+    assert len(results[run]["losses"]) == 4
+    np.testing.assert_allclose(results[run]["losses"], reference["losses"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(results[run]["grad_norms"], reference["grad_norms"], rtol=0, atol=1e-5)
+    grads = np.load(out / f"{run}.npz")
+    assert sorted(grads.files) == sorted(reference["grads"])
+    for name, expected in reference["grads"].items():
+        scale = np.max(np.abs(expected))
+        assert scale > 0, name
+        np.testing.assert_allclose(grads[name], expected, rtol=0, atol=2e-5 * scale, err_msg=name)
+
+
+# What the rules say, written out: (data, stream, model) mesh axes per dimension.
+EXPECTED_SPECS = {
+    "embedding": ["model", None],  # [V, D]
+    "q_proj": [None, None, "model"],  # [L, D, N*H]
+    "k_proj": [None, None, "model"],  # [L, D, K*H]
+    "o_proj": [None, "model", None],  # [L, N*H, D]
+    "down_proj": [None, "model", None],  # [L, F, D]
+    "prefix_k": [None, "stream", "model", None, None],  # [L, P, K, T, H]
+    "norm": [None],
+    "aggregate_in_kernel": ["stream", None],  # [P*D, D]
+}
+FSDP_SPECS = {  # the hidden dimension also over `data`
+    "embedding": ["model", "data"],
+    "q_proj": [None, "data", "model"],
+    "k_proj": [None, "data", "model"],
+    "o_proj": [None, "model", "data"],
+    "down_proj": [None, "model", "data"],
+    "aggregate_in_kernel": ["stream", "data"],
+}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_parameter_and_optimizer_shardings_follow_the_rules(sharded, run):
+    _, results = sharded
+    expected = {**EXPECTED_SPECS, **(FSDP_SPECS if run.endswith("fsdp") else {})}
+    specs = results[run]["specs"]
+    for name, spec in expected.items():
+        for kind in ("param", "mu", "nu"):
+            got = specs[f"{kind}:{name}"]
+            assert got[: len(spec)] == spec and not any(got[len(spec):]), (run, kind, name, got)
+
+
+def test_checkpoint_moves_between_meshes(sharded, reference):
+    """Saved at step 2 on (2,2,2) with FSDP, resumed on (1,2,4) without: the same four losses."""
+    _, results = sharded
+    np.testing.assert_allclose(results["resume"]["losses"], reference["losses"], rtol=0, atol=1e-5)
+
+
+def test_every_parameter_has_a_rule():
+    from parscale_jax.train import create_state_fn
+
+    _, _, create_state = create_state_fn(mesh_worker.tiny_config("model.tie_embeddings=false"))
+    params = jax.eval_shape(create_state)["params"]
+    used = set()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        axes = param_logical_axes(tuple(str(k.key) for k in path))
+        assert len(axes) == leaf.ndim, (path, axes)
+        used.add(axes)
+    assert used == set(PARAM_AXES.values())
+    with pytest.raises(KeyError, match="no sharding rule for parameter extra/weight_q"):
+        param_logical_axes(("extra", "weight_q"))
+
+
+def test_kv_heads_fewer_than_model_devices_are_replicated():
+    mesh_shape = {"data": 2, "stream": 1, "model": 4}
+    qwen_rules = param_rules(num_kv_heads=2, mesh_shape=mesh_shape, fsdp=True)
+    assert param_spec(("layers", "embed", "kv_heads"), qwen_rules) == PartitionSpec(None, "data", None)
+    assert param_spec(("layers", "embed", "heads"), qwen_rules) == PartitionSpec(None, "data", "model")
+    rules = param_rules(num_kv_heads=8, mesh_shape=mesh_shape, fsdp=False)
+    assert param_spec(("layers", "embed", "kv_heads"), rules) == PartitionSpec(None, None, "model")
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_refused():
+    with pytest.raises(ConfigError, match=r"data=2 x stream=1 x model=1 = 2 devices, but 1 are available"):
+        Layout.create(load_config(overrides=["mesh.data=2"]))
+    with pytest.raises(ConfigError, match=r"cannot fill: 1 devices do not split into data=-1 x stream=2"):
+        Layout.create(load_config(overrides=["model.parscale_n=2", "mesh.stream=2"]))
