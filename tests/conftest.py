@@ -1,8 +1,14 @@
-"""Shared test setup: a persistent XLA compilation cache, so identical programs compile once per run."""
+"""Shared test setup: run on the CPU, and keep a persistent XLA compilation cache so identical
+programs compile once per run."""
 
+import os
 import tempfile
 
-import jax
+# Before JAX starts: tests run on the CPU even where libtpu or a GPU is installed (subprocesses
+# inherit this), and TPU plans load libtpu on demand.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
 
 _CACHE_DIR = tempfile.mkdtemp(prefix="parscale-jax-xla-cache-")
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)

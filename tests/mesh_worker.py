@@ -35,15 +35,16 @@ CHECKED_PARAMS = {
 }
 
 
+TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=4", "model.parscale_n=4", "model.parscale_n_tokens=4",
+        "data.seq_len=32", "train.batch_size=8", "train.steps=4", "train.warmup_steps=1", "train.lr=1e-2",
+        "train.log_every=1", "train.eval_every=0", "checkpoint.every=2", "checkpoint.async_save=false"]
+
+
 def tiny_config(*overrides: str):
     from parscale_jax.config import load_config
 
-    return load_config(overrides=[
-        "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
-        "model.num_kv_heads=4", "model.parscale_n=4", "model.parscale_n_tokens=4",
-        "data.seq_len=32", "train.batch_size=8", "train.steps=4", "train.warmup_steps=1", "train.lr=1e-2",
-        "train.log_every=1", "train.eval_every=0", "checkpoint.every=2", "checkpoint.async_save=false",
-        *overrides])
+    return load_config(overrides=[*TINY, *overrides])
 
 
 def mesh_overrides(shape: tuple[int, int, int], fsdp: bool) -> list[str]:

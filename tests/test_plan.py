@@ -1,0 +1,91 @@
+"""`parscale-jax plan`: per-device memory of a config on a TPU topology or a GPU count, before booking it.
+
+Each plan runs in its own process, since it chooses how many devices JAX starts with.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=4", "model.parscale_n=2", "model.parscale_n_tokens=4", "data.seq_len=64",
+        "train.batch_size=16"]
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="TPU plans need libtpu (pip install 'parscale-jax[tpu]')")
+
+
+def plan(tmp_path, *args: str) -> tuple[int, str, str, dict | None]:
+    out = tmp_path / "plan.json"
+    result = subprocess.run([sys.executable, "-m", "parscale_jax.cli", "plan", "--out", str(out), *args],
+                            capture_output=True, text=True, timeout=300)
+    report = json.loads(out.read_text()) if out.exists() else None
+    return result.returncode, result.stdout, result.stderr, report
+
+
+def parameter_count(*overrides: str) -> int:
+    import jax
+
+    from parscale_jax.config import load_config
+    from parscale_jax.train import create_state_fn
+
+    _, _, create_state = create_state_fn(load_config(overrides=list(overrides)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(create_state)["params"]))
+
+
+def test_gpu_plan_reports_exact_parameter_and_optimizer_bytes(tmp_path):
+    n_params = parameter_count(*TINY)
+    code, stdout, _, replicated = plan(tmp_path, "--gpus", "8", *TINY, "mesh.data=8")
+    assert code == 0 and "FITS" in stdout and "an estimate" in stdout
+    assert replicated["parameters"] == n_params
+    assert replicated["params_bytes"] == 4 * n_params  # float32, a full copy on every device
+    assert 8 * n_params <= replicated["opt_state_bytes"] <= 8 * n_params + 64  # Adam's two moments
+    assert replicated["temporaries_bytes"] > 0 and replicated["total_bytes"] > replicated["params_bytes"]
+
+    code, _, _, sharded = plan(tmp_path, "--gpus", "8", *TINY, "mesh.data=2", "mesh.stream=2",
+                               "mesh.model=2", "mesh.fsdp=true")
+    assert code == 0
+    # Every matrix is split 2 (data) x 2 (model) ways, the prefixes and aggregator by stream: at most
+    # a third of the replicated size is left (norms and biases stay whole).
+    assert sharded["params_bytes"] < replicated["params_bytes"] / 3
+    assert sharded["mesh"] == {"data": 2, "stream": 2, "model": 2}
+
+
+def test_plan_exit_status_says_whether_it_fits(tmp_path):
+    code, stdout, _, report = plan(tmp_path, "--gpus", "2", "--gpu-memory", "0.001", *TINY)
+    assert code == 1 and "DOES NOT FIT" in stdout and report["fits"] is False
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--topology", "v9z-8"], "unknown TPU topology 'v9z-8'"),
+    (["--topology", "v5p-6"], "no v5p slice has 3 chips"),
+    (["--topology", "v5p:2x2"], "v5p slices are 3-D"),
+    ([], "name a TPU topology (--topology v5p-256) or a GPU count"),
+    (["--gpus", "8", "mesh.data=4"], "mesh: data=4 x stream=1 x model=1 = 4 devices, but 8 are available"),
+])
+def test_bad_targets_are_one_line_errors(tmp_path, args, fragment):
+    code, stdout, stderr, _ = plan(tmp_path, *args)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith("parscale-jax plan: error: ") and fragment in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+@needs_libtpu
+def test_tpu_plan_is_compiled_by_the_tpu_compiler(tmp_path):
+    code, stdout, _, report = plan(tmp_path, "--topology", "v5e-8", *TINY, "mesh.stream=2", "mesh.model=4")
+    assert code == 0, stdout
+    assert report["exact"] and report["devices"] == 8 and report["mesh"] == {"data": 1, "stream": 2, "model": 4}
+    assert report["memory_per_device_bytes"] == 15.75 * 1024**3
+    assert "the target's compiler" in stdout
+
+
+@needs_libtpu
+def test_tpu_plan_refuses_what_does_not_fit(tmp_path):
+    code, stdout, _, report = plan(tmp_path, "--config", "paper_1.6b", "--topology", "v5p-8", "model.parscale_n=8")
+    assert code == 1 and report["fits"] is False
+    assert "Ran out of memory" in report["compiler"] and "DOES NOT FIT" in stdout
