@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from parscale_jax.config import Config, resolve_mesh
+from parscale_jax.config import Config, ConfigError, resolve_mesh
 
 MESH_AXES = ("data", "stream", "model")
 
@@ -115,6 +115,9 @@ def make_mesh(config: Config, devices: list[Any] | None = None) -> Mesh:
     """
     devices = list(jax.devices() if devices is None else devices)
     mesh_cfg = resolve_mesh(config, len(devices))
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if slices != mesh_cfg.dcn_data:
+        raise ConfigError("mesh.dcn_data", f"is {mesh_cfg.dcn_data} but the devices form {slices} slice(s)")
     shape = (mesh_cfg.data, mesh_cfg.stream, mesh_cfg.model)
     if mesh_cfg.dcn_data > 1:
         per_slice = (mesh_cfg.data // mesh_cfg.dcn_data, mesh_cfg.stream, mesh_cfg.model)

@@ -169,3 +169,26 @@ def test_command_line_error_in_a_subprocess_has_no_traceback(tmp_path):
     assert result.stdout == ""
     assert not (tmp_path / "run").exists()
     assert list(tmp_path.iterdir()) == []  # nothing written where it ran
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--coordinator", "127.0.0.1:9999"], "--coordinator: a coordinator address also needs --num-processes"),
+    (["--coordinator", "127.0.0.1:9999", "--num-processes", "2", "--process-id", "2"],
+     "--process-id: must lie in [0, 2), got 2"),
+    (["--num-processes", "2", "--process-id", "0"], "--num-processes/--process-id need a coordinator address"),
+])
+def test_multi_host_flags_are_checked_before_joining(capsys, tmp_path, args, fragment):
+    code = main([*args, "train", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert_one_error_line(err, PREFIX, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_multi_host_environment_variables_are_checked(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARSCALE_COORDINATOR", "127.0.0.1:9999")
+    monkeypatch.setenv("PARSCALE_NUM_PROCESSES", "two")
+    code = main(["train", "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err.splitlines(), PREFIX,
+                          "PARSCALE_NUM_PROCESSES: expected an integer, got 'two'")

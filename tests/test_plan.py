@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from parscale_jax.config import ConfigError
+
 TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=4", "model.parscale_n=2", "model.parscale_n_tokens=4", "data.seq_len=64",
         "train.batch_size=16"]
@@ -89,3 +91,21 @@ def test_tpu_plan_refuses_what_does_not_fit(tmp_path):
     code, stdout, _, report = plan(tmp_path, "--config", "paper_1.6b", "--topology", "v5p-8", "model.parscale_n=8")
     assert code == 1 and report["fits"] is False
     assert "Ran out of memory" in report["compiler"] and "DOES NOT FIT" in stdout
+
+
+@needs_libtpu
+def test_multi_slice_mesh_runs_data_across_slices():
+    import numpy as np
+
+    from parscale_jax import plan as planning
+    from parscale_jax.config import load_config
+    from parscale_jax.sharding import make_mesh
+
+    devices = list(planning.tpu_target("v5e-8", slices=2).devices)
+    config = load_config(overrides=[*TINY, "mesh.stream=2", "mesh.model=2", "mesh.dcn_data=2"])
+    mesh = make_mesh(config, devices)
+    assert dict(mesh.shape) == {"data": 4, "stream": 2, "model": 2}
+    slice_of = np.vectorize(lambda device: device.slice_index)(mesh.devices)
+    assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()  # only `data` crosses the DCN
+    with pytest.raises(ConfigError, match="mesh.dcn_data: is 1 but the devices form 2 slice"):
+        make_mesh(load_config(overrides=[*TINY, "mesh.stream=2"]), devices)
