@@ -16,10 +16,12 @@ from parscale_jax.config import CheckpointConfig
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig = CheckpointConfig()):
+    """The step checkpoints in one directory (`train.checkpoint_dir` says which)."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig()):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -43,6 +45,13 @@ class Checkpointer:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
+    def restore_part(self, step: int, abstract_part: Any) -> Any:
+        """Only the part of the train state that `abstract_part` names (e.g. the parameters, without
+        the optimizer state), laid out like it; the rest is not read."""
+        args = ocp.args.PyTreeRestore(item=abstract_part, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part))
+        return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+
     def restore_config(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
@@ -51,3 +60,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def save_params(directory: str | Path, params: Any) -> None:
+    """Write a parameter tree once (e.g. an imported backbone); Orbax renames it into place when done."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(directory).absolute(), params)
+
+
+def restore_params(directory: str | Path, abstract_params: Any) -> Any:
+    """A tree written by `save_params`, laid out like `abstract_params` (shardings included)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(Path(directory).absolute(), abstract_params)

@@ -72,13 +72,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     layout = Layout.create(config)
     with jax.set_mesh(layout.mesh):
         batches = placed_eval_batches(config, layout, rows, args.batches)
-        graphdef, state, step = restore_latest(config, run_dir, layout)
-        loss, target_tokens = mean_loss(jit_eval_step(graphdef, layout, state["params"]), state["params"], batches)
+        graphdef, params, step = restore_latest(config, run_dir, layout)
+        loss, target_tokens = mean_loss(jit_eval_step(graphdef, layout, params), params, batches)
     result = {"step": step, "loss": loss, "target_tokens": target_tokens,
               "source": args.text or "held-out split"}
     out = Path(args.out) if args.out else run_dir / f"eval_step{step}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from parscale_jax.convert import import_checkpoint
+
+    base = read_yaml(_resolve_config_path(args.config)) if args.config else None
+    summary = import_checkpoint(args.hf, args.out, args.overrides, base)
+    print(json.dumps(summary))
+    print(f"train it with: parscale-jax train --run-dir {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError("--run-dir", f"{run_dir} holds no config.yaml; is it a training run directory?")
+    config = load_config(base=read_yaml(saved), overrides=args.overrides)
+
+    from parscale_jax.convert import export_run
+
+    summary = export_run(run_dir, args.out, config, args.step, args.dtype,
+                         int(args.max_shard_gb * 1024**3), args.overwrite)
+    print(json.dumps(summary))
     return 0
 
 
@@ -127,6 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="where to write the JSON result (default: RUN_DIR/eval_stepN.json)")
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value")
     evaluate.set_defaults(func=cmd_eval)
+
+    importer = commands.add_parser(
+        "import", help="turn a Hugging Face Qwen2/Llama/ParScale checkpoint into a run directory to train",
+        description="Raise P with model.parscale_n=P (new streams start fresh); train only them with "
+                    "train.trainable=parscale. Then: parscale-jax train --run-dir OUT.")
+    importer.add_argument("--hf", required=True, help="a local Hugging Face checkpoint directory (safetensors)")
+    importer.add_argument("--out", required=True, help="the run directory to create")
+    importer.add_argument("--config", help="data/train settings to start from (a YAML file or shipped config name)")
+    importer.add_argument("overrides", nargs="*", metavar="section.key=value")
+    importer.set_defaults(func=cmd_import)
+
+    exporter = commands.add_parser("export", help="write a run's model as a Hugging Face checkpoint")
+    exporter.add_argument("--run-dir", required=True)
+    exporter.add_argument("--out", required=True, help="the checkpoint directory to write")
+    exporter.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
+    exporter.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: model.param_dtype")
+    exporter.add_argument("--max-shard-gb", type=float, default=5.0, help="split the weights above this size")
+    exporter.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    exporter.add_argument("overrides", nargs="*", metavar="section.key=value",
+                          help="e.g. model.parscale_n=4 to pick that stream set of a dynamic-P run")
+    exporter.set_defaults(func=cmd_export)
 
     planner = commands.add_parser(
         "plan", help="compile the train step for a TPU topology or GPU count and report per-device memory",

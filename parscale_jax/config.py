@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 SCHEDULES = ("cosine", "wsd", "constant")
+TRAINABLE = ("all", "parscale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation
     eval_batches: int = 8  # batches of held-out data per evaluation; 0: the whole split
+    trainable: str = "all"  # "parscale": train only prefixes and aggregator on a frozen backbone (PEFT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +394,10 @@ def validate(config: Config) -> Config:
              f"must lie in [0, 1], got {t.min_lr_ratio}")
     for name in ("weight_decay", "grad_clip", "z_loss", "eval_every", "eval_batches"):
         _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    _require(t.trainable in TRAINABLE, "train.trainable",
+             f"must be one of {TRAINABLE}, got '{t.trainable}'{_closest(t.trainable, list(TRAINABLE))}")
+    _require(t.trainable != "parscale" or m.parscale_n > 1, "train.trainable",
+             "'parscale' trains the prefixes and aggregator, which exist only with model.parscale_n > 1")
     _require(0.0 <= t.b1 < 1.0, "train.b1", f"must lie in [0, 1), got {t.b1}")
     _require(0.0 <= t.b2 < 1.0, "train.b2", f"must lie in [0, 1), got {t.b2}")
 

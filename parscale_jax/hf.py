@@ -1,42 +1,71 @@
-"""Hugging Face checkpoint format (SPEC §2): config and tensor-name mapping.
+"""Hugging Face checkpoints (SPEC §2): read Qwen2 / Llama / qwen2_parscale ones, write ours.
 
 Our module names follow the Hugging Face ones, so the mapping is: stack the per-layer tensors
 along a leading `[L]` axis, transpose torch `[out, in]` Linear weights to `[in, out]` kernels, and
-permute the aggregator's interleaved input columns to our stream-major order.
+permute the aggregator's interleaved input columns (`d·P + p`) to our stream-major order (`p·D + d`).
+
+A P = 1 model is written as a plain `Qwen2ForCausalLM` (or `LlamaForCausalLM` without q/k/v
+biases). A P > 1 model is a `qwen2_parscale` checkpoint, which carries its own PyTorch modeling code
+(`parscale_jax/hf_remote/`) for `trust_remote_code=True`. The tensors are named and laid out as the
+official ParScale code expects, so that code loads our checkpoints too.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from parscale_jax.config import ModelConfig, validate_model
+from parscale_jax.config import ConfigError, ModelConfig, validate_model
 
 _LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+_REMOTE_CODE = ("configuration_qwen2_parscale.py", "modeling_qwen2_parscale.py")
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from a Qwen2 / Llama / qwen2_parscale `config.json` dict."""
-    rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    """ModelConfig from a Qwen2 / Llama / qwen2_parscale `config.json` dict (transformers 4 or 5)."""
+    model_type = hf.get("model_type")
+    if model_type not in ("qwen2", "llama", "qwen2_parscale"):
+        raise ConfigError("--hf", f"model_type '{model_type}' is not supported (qwen2, llama or qwen2_parscale)")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ConfigError("--hf", f"RoPE scaling '{rope.get('rope_type', rope.get('type'))}' is not supported")
+    if hf.get("use_sliding_window"):
+        raise ConfigError("--hf", "sliding-window attention is not supported")
+    if hf.get("mlp_bias"):
+        raise ConfigError("--hf", "MLP biases are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError("--hf", f"activation '{hf['hidden_act']}' is not supported (silu)")
     model = ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"),
-        rope_theta=float(rope_theta),
+        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rms_norm_eps=float(hf["rms_norm_eps"]),
-        qkv_bias=hf.get("model_type") != "llama" or bool(hf.get("attention_bias", False)),
+        qkv_bias=bool(hf.get("attention_bias", False)) if model_type == "llama" else bool(hf.get("qkv_bias", True)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf["max_position_embeddings"],
+        init_std=float(hf.get("initializer_range", 0.02)),
         parscale_n=hf.get("parscale_n", 1),
         parscale_n_tokens=hf.get("parscale_n_tokens", 48),
         parscale_attn_smooth=float(hf.get("parscale_attn_smooth", 0.01)),
@@ -44,11 +73,66 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return validate_model(model)
 
 
+def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None, bos_id: int | None) -> dict[str, Any]:
+    """`config.json` for our model: qwen2_parscale when P > 1, else plain Qwen2 or Llama."""
+    hf: dict[str, Any] = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+    }
+    if cfg.parscale_n > 1:
+        return {
+            "architectures": ["Qwen2ParScaleForCausalLM"],
+            "model_type": "qwen2_parscale",
+            "auto_map": {"AutoConfig": "configuration_qwen2_parscale.Qwen2ParScaleConfig",
+                         "AutoModelForCausalLM": "modeling_qwen2_parscale.Qwen2ParScaleForCausalLM"},
+            **hf,
+            "qkv_bias": cfg.qkv_bias,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": cfg.num_layers,
+            "parscale_n": cfg.parscale_n,
+            "parscale_n_tokens": cfg.parscale_n_tokens,
+            "parscale_attn_smooth": cfg.parscale_attn_smooth,  # always explicit: the class default differs
+        }
+    if cfg.qkv_bias:
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **hf,
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **hf,
+            "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
 def aggregator_kernel_from_hf(weight_DF: np.ndarray, P: int) -> np.ndarray:
     """`aggregate_layer.0.weight [D_out, D·P]` with input index d·P + p → our kernel `[P·D, D_out]`."""
     D_out, F = weight_DF.shape
     D = F // P
     return weight_DF.T.reshape(D, P, D_out).transpose(1, 0, 2).reshape(P * D, D_out)
+
+
+def aggregator_kernel_to_hf(kernel_FD: np.ndarray, P: int) -> np.ndarray:
+    """Our kernel `[P·D, D_out]` (stream-major) → `aggregate_layer.0.weight [D_out, D·P]` (interleaved)."""
+    F, D_out = kernel_FD.shape
+    D = F // P
+    return kernel_FD.reshape(P, D, D_out).transpose(1, 0, 2).reshape(D * P, D_out).T
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
@@ -85,8 +169,213 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
     return params
 
 
+TensorSource = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]
+
+
+def hf_tensor_sources(params: dict[str, Any], cfg: ModelConfig) -> list[TensorSource]:
+    """(name, shape, read) for every Hugging Face tensor of `params`, in file order.
+
+    `read()` fetches one tensor to the host only when its shard is written, so an export holds the
+    model once plus one shard.
+    """
+    L, P = cfg.num_layers, cfg.parscale_n
+    layers = params["layers"]
+    sources: list[TensorSource] = []
+
+    def add(name: str, shape: tuple[int, ...], read: Callable[[], np.ndarray]) -> None:
+        sources.append((name, tuple(shape), read))
+
+    add("model.embed_tokens.weight", params["embed_tokens"]["embedding"].shape,
+        lambda: np.asarray(params["embed_tokens"]["embedding"]))
+    for i in range(L):
+        prefix = f"model.layers.{i}"
+        for name in _LAYER_NORMS:
+            weight = layers[name]["weight"]
+            add(f"{prefix}.{name}.weight", weight.shape[1:], lambda w=weight, i=i: np.asarray(w[i]))
+        for name in _LAYER_LINEARS:
+            group, proj = name.split(".")
+            kernel = layers[group][proj]["kernel"]
+            add(f"{prefix}.{name}.weight", kernel.shape[:0:-1], lambda k=kernel, i=i: np.asarray(k[i]).T)
+            if "bias" in layers[group][proj]:
+                bias = layers[group][proj]["bias"]
+                add(f"{prefix}.{name}.bias", bias.shape[1:], lambda b=bias, i=i: np.asarray(b[i]))
+        if P > 1:
+            for name in ("prefix_k", "prefix_v"):
+                prefix_LPKTH = layers["self_attn"][name]
+                add(f"{prefix}.self_attn.{name}", prefix_LPKTH.shape[1:],
+                    lambda x=prefix_LPKTH, i=i: np.asarray(x[i]))
+    add("model.norm.weight", params["norm"]["weight"].shape, lambda: np.asarray(params["norm"]["weight"]))
+    if not cfg.tie_embeddings:
+        kernel = params["lm_head"]["kernel"]
+        add("lm_head.weight", kernel.shape[::-1], lambda: np.asarray(kernel).T)
+    if P > 1:
+        kernel_in = params["aggregate_in_kernel"]
+        add("model.aggregate_layer.0.weight", kernel_in.shape[::-1],
+            lambda: aggregator_kernel_to_hf(np.asarray(kernel_in), P))
+        add("model.aggregate_layer.0.bias", params["aggregate_in_bias"].shape,
+            lambda: np.asarray(params["aggregate_in_bias"]))
+        kernel_out = params["aggregate_out_kernel"]
+        add("model.aggregate_layer.2.weight", kernel_out.shape[::-1], lambda: np.asarray(kernel_out).T)
+        add("model.aggregate_layer.2.bias", params["aggregate_out_bias"].shape,
+            lambda: np.asarray(params["aggregate_out_bias"]))
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
 def read_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """Config and pure parameter dict of a local single-file safetensors checkpoint."""
+    """Config and pure parameter dict (numpy, the file's dtype) of a local safetensors checkpoint,
+    one file or sharded with a `model.safetensors.index.json`."""
     directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ConfigError("--hf", f"{directory} holds no config.json; is it a Hugging Face checkpoint?")
     cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
-    return cfg, params_from_hf(load_file(str(directory / "model.safetensors")), cfg)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError("--hf", f"{directory} holds no model.safetensors (or index); "
+                          "only safetensors checkpoints are read")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        with safe_open(str(directory / name), framework="numpy") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    try:
+        return cfg, params_from_hf(tensors, cfg)
+    except KeyError as err:
+        raise ConfigError("--hf", f"{directory} lacks tensor {err.args[0]} that its config.json implies") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def byte_tokenizer_json() -> str:
+    """Our byte-level tokenizer (ids 0-255 are the bytes, 256 ends a document) as a `tokenizer.json`.
+
+    GPT-2's byte-to-character table makes every byte a printable character, so a BPE model without
+    merges over those 256 characters maps each byte to its own id, and the ByteLevel decoder turns
+    the characters back into bytes.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_of_byte, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            char_of_byte[byte] = chr(byte)
+        else:  # bytes without a printable character of their own go to 256, 257, ...
+            char_of_byte[byte] = chr(256 + extra)
+            extra += 1
+    tokenizer = Tokenizer(models.BPE(vocab={char: byte for byte, char in char_of_byte.items()}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(BYTE_EOS, special=True, normalized=False)])
+    return tokenizer.to_str()
+
+
+BYTE_EOS = "<|endoftext|>"
+
+
+def _tokenizer_files(tokenizer: str, max_length: int) -> tuple[dict[str, str], int | None, int | None]:
+    """(file name → text, eos id, bos id) of the tokenizer to ship: ours, or the user's as is."""
+    if tokenizer == "byte":
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": BYTE_EOS, "pad_token": BYTE_EOS,
+                  "model_max_length": max_length, "clean_up_tokenization_spaces": False}
+        return {"tokenizer.json": byte_tokenizer_json(),
+                "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}, 256, None
+    from parscale_jax.data import HFTokenizer
+
+    source = Path(tokenizer)
+    files = {"tokenizer.json": source.read_text(encoding="utf-8")}
+    for companion in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (source.parent / companion).is_file():
+            files[companion] = (source.parent / companion).read_text(encoding="utf-8")
+    loaded = HFTokenizer(str(source))
+    if "tokenizer_config.json" not in files:
+        eos = loaded._tokenizer.id_to_token(loaded.eos_id) if loaded.eos_id is not None else None
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos,
+                  "model_max_length": max_length, "clean_up_tokenization_spaces": False}
+        files["tokenizer_config.json"] = json.dumps(config, indent=2) + "\n"
+    return files, loaded.eos_id, None
+
+
+def _plan_shards(sources: list[TensorSource], itemsize: int, max_shard_bytes: int) -> list[list[TensorSource]]:
+    shards: list[list[TensorSource]] = [[]]
+    size = 0
+    for source in sources:
+        nbytes = int(np.prod(source[1])) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(source)
+        size += nbytes
+    return shards
+
+
+def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Check, before any work, that `out_dir` may be written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConfigError("--out", f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
+    return out_dir
+
+
+def write_hf_checkpoint(out_dir: str | Path, params: dict[str, Any], cfg: ModelConfig, tokenizer: str,
+                        dtype: str = "float32", max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> Path:
+    """Write `params` as a Hugging Face checkpoint into `out_dir`, all at once or not at all.
+
+    Everything goes to a temporary sibling folder that is renamed to `out_dir` at the end, so an
+    interrupted export leaves no half-written checkpoint behind.
+    """
+    out_dir = prepare_output_dir(out_dir, overwrite).absolute()
+    np_dtype = EXPORT_DTYPES[dtype]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer_files, eos_id, bos_id = _tokenizer_files(tokenizer, cfg.max_position_embeddings)
+        for name, text in tokenizer_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype, eos_id, bos_id), indent=2) + "\n")
+        generation = {"eos_token_id": eos_id, "pad_token_id": eos_id, "bos_token_id": bos_id}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if cfg.parscale_n > 1:
+            code = importlib.resources.files("parscale_jax") / "hf_remote"
+            for name in _REMOTE_CODE:
+                (tmp / name).write_text((code / name).read_text(encoding="utf-8"), encoding="utf-8")
+        _write_tensors(tmp, hf_tensor_sources(params, cfg), np_dtype, max_shard_bytes)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_tensors(directory: Path, sources: list[TensorSource], np_dtype: Any, max_shard_bytes: int) -> None:
+    shards = _plan_shards(sources, np.dtype(np_dtype).itemsize, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for file_name, shard in zip(names, shards):
+        tensors = {}
+        for name, shape, read in shard:
+            array = np.ascontiguousarray(np.asarray(read()).astype(np_dtype))
+            assert array.shape == shape, (name, array.shape, shape)
+            tensors[name] = array
+            weight_map[name] = file_name
+            total += array.nbytes
+        save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

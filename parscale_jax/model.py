@@ -269,3 +269,21 @@ def model_graphdef(cfg: ModelConfig) -> nnx.GraphDef:
 def init_params(cfg: ModelConfig, seed: int) -> dict:
     """Freshly initialized parameters as a nested dict (call under `jax.jit` for speed)."""
     return nnx.to_pure_dict(nnx.state(ParScaleLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+
+def split_params(params: dict, cfg: ModelConfig) -> tuple[dict, dict]:
+    """(ParScale parameters: prefixes and aggregator, backbone parameters) of a parameter dict."""
+    abstract = nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0)))
+    parscale_paths = {path for path, _ in nnx.to_flat_state(nnx.state(abstract, ParScaleParam))}
+    flat = nnx.traversals.flatten_mapping(params)
+    parscale = {path: x for path, x in flat.items() if path in parscale_paths}
+    backbone = {path: x for path, x in flat.items() if path not in parscale_paths}
+    return nnx.traversals.unflatten_mapping(parscale), nnx.traversals.unflatten_mapping(backbone)
+
+
+def merge_params(*parts: dict) -> dict:
+    """One parameter dict from disjoint parts (the inverse of `split_params`)."""
+    flat = {}
+    for part in parts:
+        flat.update(nnx.traversals.flatten_mapping(part))
+    return nnx.traversals.unflatten_mapping(flat)

@@ -20,11 +20,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from parscale_jax import data
-from parscale_jax.checkpoint import Checkpointer
-from parscale_jax.config import Config, TrainConfig, to_dict
+from parscale_jax.checkpoint import Checkpointer, restore_params
+from parscale_jax.config import Config, ConfigError, TrainConfig, to_dict
 from parscale_jax.counting import train_flops_per_token
 from parscale_jax.logger import MetricsLogger
-from parscale_jax.model import init_params, model_graphdef
+from parscale_jax.model import init_params, merge_params, model_graphdef, split_params
 from parscale_jax.sharding import Layout, constrain, with_shardings
 
 Batch = dict[str, jax.Array]
@@ -86,11 +86,17 @@ def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float)
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    t: TrainConfig) -> Callable[[dict, Batch], tuple[dict, dict]]:
+                    t: TrainConfig) -> Callable[[dict, dict, Batch], tuple[dict, dict]]:
+    """`train_step(state, frozen, batch)`: only `state["params"]` is trained; `frozen` holds the
+    parameters that are not (the backbone under `train.trainable=parscale`, else nothing)."""
     schedule = learning_rate_schedule(t)
-    grad_fn = jax.grad(loss_sums, has_aux=True)
 
-    def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
+    def objective(params: dict, frozen: dict, batch: Batch):
+        return loss_sums(merge_params(frozen, params), graphdef, batch, t.z_loss)
+
+    grad_fn = jax.grad(objective, has_aux=True)
+
+    def train_step(state: dict, frozen: dict, batch: Batch) -> tuple[dict, dict]:
         params = state["params"]
         # Gradient accumulation: scan over micro-batches, summing float32 gradients. Micro-batch a
         # takes rows a, a+A, a+2A, ..., so each one stays spread over the `data` devices as is.
@@ -100,7 +106,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
         def accumulate(carry, micro_batch):
             grads, ce_sum, n_tokens = carry
-            g, (ce, n) = grad_fn(params, graphdef, micro_batch, t.z_loss)
+            g, (ce, n) = grad_fn(params, frozen, micro_batch)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, ce_sum + ce, n_tokens + n), None
 
@@ -119,10 +125,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def jit_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, t: TrainConfig,
-                   layout: Layout, state_shardings: dict):
+                   layout: Layout, state_shardings: dict, frozen_shardings: dict):
     """The train step compiled for `layout`: state stays where the rules put it and is donated."""
     return jax.jit(make_train_step(graphdef, optimizer, t), donate_argnums=0,
-                   in_shardings=(state_shardings, layout.batch_sharding()),
+                   in_shardings=(state_shardings, frozen_shardings, layout.batch_sharding()),
                    out_shardings=(state_shardings, layout.replicated()))
 
 
@@ -150,28 +156,89 @@ def mean_loss(eval_step, params: dict, batches: Iterable[dict[str, np.ndarray]])
 # State
 
 
+def partition_trainable(params: dict, config: Config) -> tuple[dict, dict]:
+    """(trained, frozen) parameters: with `train.trainable=parscale` only the prefixes and the
+    aggregator train and the backbone is frozen; otherwise everything trains."""
+    if config.train.trainable == "parscale":
+        return split_params(params, config.model)
+    return params, {}
+
+
 def create_state_fn(config: Config):
-    """(graphdef, optimizer, a function of no arguments that builds the initial train state)."""
+    """(graphdef, optimizer, `create_state(trained_params)` building the initial train state)."""
     optimizer = make_optimizer(config.train)
 
-    def create_state() -> dict:
-        params = init_params(config.model, config.train.seed)
+    def create_state(params: dict) -> dict:
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
     return model_graphdef(config.model), optimizer, create_state
 
 
-def restore_latest(config: Config, run_dir: Path, layout: Layout) -> tuple[nnx.GraphDef, dict, int]:
-    """(graphdef, train state on `layout`, step) of the newest complete checkpoint in `run_dir`."""
+def checkpoint_dir(config: Config, run_dir: Path) -> Path:
+    """Where the step checkpoints go. A PEFT run keeps one folder per P, every one of them sharing
+    the imported backbone: several prefix+aggregator sets on one frozen model (dynamic P)."""
+    if config.train.trainable == "parscale":
+        return run_dir / f"checkpoints_p{config.model.parscale_n}"
+    return run_dir / "checkpoints"
+
+
+def imported_dir(run_dir: Path) -> Path:
+    """`parscale-jax import` writes `backbone/` here, and `parscale_p<P>/` if the checkpoint had streams."""
+    return run_dir / "imported"
+
+
+def starting_params(config: Config, run_dir: Path, layout: Layout) -> tuple[dict, dict]:
+    """(trained, frozen) parameters of a run's step 0, on their shardings.
+
+    Imported weights where `run_dir/imported` has them; fresh ones (seeded by train.seed) for the
+    rest, e.g. the new prefixes and aggregator when P was raised on a P = 1 checkpoint.
+    """
+    cfg, seed = config.model, config.train.seed
+    abstract = jax.eval_shape(lambda: init_params(cfg, seed))
+    params = jax.jit(lambda: init_params(cfg, seed), out_shardings=layout.param_shardings(abstract))()
+    parscale, backbone = split_params(params, cfg)
+    source = imported_dir(run_dir)
+    if (source / "backbone").exists():
+        backbone = restore_params(source / "backbone", _on_layout(backbone, layout))
+        if (source / f"parscale_p{cfg.parscale_n}").exists():
+            parscale = restore_params(source / f"parscale_p{cfg.parscale_n}", _on_layout(parscale, layout))
+    elif config.train.trainable == "parscale":
+        raise ConfigError("train.trainable", "'parscale' trains new streams on a pretrained backbone, and "
+                          f"{run_dir} has none: start from `parscale-jax import --hf DIR --out {run_dir}`")
+    return partition_trainable(merge_params(backbone, parscale), config)
+
+
+def frozen_params(config: Config, run_dir: Path, layout: Layout) -> dict:
+    """The parameters a run does not train, read again on every start: they are never checkpointed."""
+    if config.train.trainable != "parscale":
+        return {}
+    abstract = jax.eval_shape(lambda: init_params(config.model, 0))
+    _, backbone = split_params(abstract, config.model)
+    return restore_params(imported_dir(run_dir) / "backbone", _on_layout(backbone, layout))
+
+
+def _on_layout(params: dict, layout: Layout) -> dict:
+    return with_shardings(params, layout.param_shardings(params))
+
+
+def restore_latest(config: Config, run_dir: Path, layout: Layout,
+                   step: int | None = None) -> tuple[nnx.GraphDef, dict, int]:
+    """(graphdef, all parameters on `layout`, step) of a run's newest complete checkpoint, or of `step`."""
     graphdef, _, create_state = create_state_fn(config)
-    checkpointer = Checkpointer(run_dir, config.checkpoint)
-    step = checkpointer.latest_step()
-    if step is None:
+    checkpointer = Checkpointer(checkpoint_dir(config, run_dir), config.checkpoint)
+    steps = checkpointer.all_steps()
+    if not steps:
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-    abstract_state = jax.eval_shape(create_state)
-    state = checkpointer.restore(step, with_shardings(abstract_state, layout.state_shardings(abstract_state)))
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {checkpointer.directory} (it has {steps})")
+    abstract = jax.eval_shape(lambda: init_params(config.model, 0))
+    trained, _ = partition_trainable(abstract, config)
+    # Only the parameters: the optimizer state stays on disk.
+    params = checkpointer.restore_part(step, {"params": _on_layout(trained, layout)})["params"]
     checkpointer.close()
-    return graphdef, state, step
+    return graphdef, merge_params(frozen_params(config, run_dir, layout), params), step
 
 
 def jit_eval_step(graphdef: nnx.GraphDef, layout: Layout, params: dict):
@@ -219,21 +286,26 @@ def train(config: Config, run_dir: str | Path, progress: bool = True,
         train_iter = iter(data.train_dataset(config, my_rows))
 
         graphdef, optimizer, create_state = create_state_fn(config)
-        abstract_state = jax.eval_shape(create_state)
-        state_shardings = layout.state_shardings(abstract_state)
-        checkpointer = Checkpointer(run_dir, config.checkpoint)
+        checkpointer = Checkpointer(checkpoint_dir(config, run_dir), config.checkpoint)
+        frozen = frozen_params(config, run_dir, layout)
         start = checkpointer.latest_step()
         if start is None:
             start = 0
-            state = jax.jit(create_state, out_shardings=state_shardings)()
+            trained, _ = starting_params(config, run_dir, layout)
+            state_shardings = layout.state_shardings(jax.eval_shape(create_state, trained))
+            state = jax.jit(create_state, out_shardings=state_shardings)(trained)
         else:
+            abstract = jax.eval_shape(lambda: init_params(config.model, 0))
+            abstract_state = jax.eval_shape(create_state, partition_trainable(abstract, config)[0])
+            state_shardings = layout.state_shardings(abstract_state)
             state = checkpointer.restore(start, with_shardings(abstract_state, state_shardings), train_iter)
         save_run_config(config, run_dir)
 
         is_main = jax.process_index() == 0
         logger = MetricsLogger(run_dir, enabled=is_main, resume_step=start)
-        train_step = jit_train_step(graphdef, optimizer, t, layout, state_shardings)
-        eval_step = jit_eval_step(graphdef, layout, state["params"])
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+        train_step = jit_train_step(graphdef, optimizer, t, layout, state_shardings, frozen_shardings)
+        eval_step = jit_eval_step(graphdef, layout, merge_params(frozen, state["params"]))
         flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
 
         bar = tqdm(total=t.steps, initial=start, disable=not (progress and is_main), unit="step",
@@ -242,7 +314,7 @@ def train(config: Config, run_dir: str | Path, progress: bool = True,
         window_start, window_tokens = time.perf_counter(), 0
         end = min(stop_at or t.steps, t.steps)
         for step in range(start + 1, end + 1):
-            state, metrics = train_step(state, layout.put_batch(next(train_iter), t.batch_size))
+            state, metrics = train_step(state, frozen, layout.put_batch(next(train_iter), t.batch_size))
             window_tokens += t.batch_size * config.data.seq_len
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
@@ -253,7 +325,7 @@ def train(config: Config, run_dir: str | Path, progress: bool = True,
                         "grad_norm": metrics["grad_norm"], "tokens_per_s": tokens_per_s,
                         "tflops_per_s": tokens_per_s * flops_per_token / 1e12}
                 if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                    last["eval_loss"], _ = mean_loss(eval_step, state["params"],
+                    last["eval_loss"], _ = mean_loss(eval_step, merge_params(frozen, state["params"]),
                                                      placed_eval_batches(config, layout, None, t.eval_batches))
                 logger.log(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")

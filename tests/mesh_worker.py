@@ -61,13 +61,14 @@ def first_gradients(config) -> dict[str, np.ndarray]:
     """Gradients of the mean loss at the initial state on the first batch, computed on config's mesh."""
     from parscale_jax import data
     from parscale_jax.sharding import Layout
-    from parscale_jax.train import create_state_fn, loss_sums
+    from parscale_jax.model import init_params, model_graphdef
+    from parscale_jax.train import loss_sums
 
     layout = Layout.create(config)
-    graphdef, _, create_state = create_state_fn(config)
+    graphdef = model_graphdef(config.model)
     with jax.set_mesh(layout.mesh):
-        shardings = layout.state_shardings(jax.eval_shape(create_state))
-        params = jax.jit(create_state, out_shardings=shardings)()["params"]
+        shardings = {"params": layout.param_shardings(jax.eval_shape(lambda: init_params(config.model, 0)))}
+        params = jax.jit(lambda: init_params(config.model, config.train.seed), out_shardings=shardings["params"])()
         rows = layout.process_rows(config.train.batch_size)
         batch = layout.put_batch(next(iter(data.train_dataset(config, rows))), config.train.batch_size)
 
@@ -95,8 +96,10 @@ def checked_specs(state: dict) -> dict[str, list]:
 
 
 def main(out_dir: Path) -> None:
-    from parscale_jax.sharding import Layout
-    from parscale_jax.train import restore_latest, train
+    from parscale_jax.checkpoint import Checkpointer
+    from parscale_jax.model import init_params
+    from parscale_jax.sharding import Layout, with_shardings
+    from parscale_jax.train import checkpoint_dir, create_state_fn, train
 
     results = {}
     for name, shape in MESHES.items():
@@ -105,7 +108,11 @@ def main(out_dir: Path) -> None:
             config = tiny_config(*mesh_overrides(shape, fsdp))
             run_dir = out_dir / key
             train(config, run_dir, progress=False)
-            _, state, _ = restore_latest(config, run_dir, Layout.create(config))
+            _, _, create_state = create_state_fn(config)
+            abstract = jax.eval_shape(create_state, jax.eval_shape(lambda: init_params(config.model, 0)))
+            layout = Layout.create(config)
+            state = Checkpointer(checkpoint_dir(config, run_dir)).restore(
+                4, with_shardings(abstract, layout.state_shardings(abstract)))
             results[key] = {"losses": logged(run_dir, "loss"), "grad_norms": logged(run_dir, "grad_norm"),
                             "specs": checked_specs(state)}
             np.savez(out_dir / f"{key}.npz", **first_gradients(config))

@@ -34,10 +34,10 @@ def parameter_count(*overrides: str) -> int:
     import jax
 
     from parscale_jax.config import load_config
-    from parscale_jax.train import create_state_fn
+    from parscale_jax.model import init_params
 
-    _, _, create_state = create_state_fn(load_config(overrides=list(overrides)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(create_state)["params"]))
+    model = load_config(overrides=list(overrides)).model
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(model, 0))))
 
 
 def test_gpu_plan_reports_exact_parameter_and_optimizer_bytes(tmp_path):

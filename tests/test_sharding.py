@@ -98,10 +98,10 @@ def test_checkpoint_moves_between_meshes(sharded, reference):
 
 
 def test_every_parameter_has_a_rule():
-    from parscale_jax.train import create_state_fn
+    from parscale_jax.model import init_params
 
-    _, _, create_state = create_state_fn(mesh_worker.tiny_config("model.tie_embeddings=false"))
-    params = jax.eval_shape(create_state)["params"]
+    model = mesh_worker.tiny_config("model.tie_embeddings=false").model
+    params = jax.eval_shape(lambda: init_params(model, 0))
     used = set()
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         axes = param_logical_axes(tuple(str(k.key) for k in path))

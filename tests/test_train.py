@@ -9,6 +9,7 @@ import pytest
 from parscale_jax import cli
 from parscale_jax.checkpoint import Checkpointer
 from parscale_jax.config import TrainConfig, load_config
+from parscale_jax.model import init_params, model_graphdef
 from parscale_jax.train import (create_state_fn, learning_rate_schedule, loss_sums, make_train_step, train,
                                 weight_decay_mask)
 
@@ -40,7 +41,8 @@ def test_gradient_accumulation_equals_one_full_batch():
         config = tiny_config(f"train.grad_accum={accum}", "train.z_loss=1e-3")
         graphdef, optimizer, create_state = create_state_fn(config)
         step = jax.jit(make_train_step(graphdef, optimizer, config.train))
-        state, metrics = step(jax.jit(create_state)(), random_batch(8, 32, 320))
+        state = jax.jit(lambda: create_state(init_params(config.model, 0)))()
+        state, metrics = step(state, {}, random_batch(8, 32, 320))
         results.append((state["params"], metrics))
     (params_full, metrics_full), (params_micro, metrics_micro) = results
     np.testing.assert_allclose(metrics_micro["loss"], metrics_full["loss"], rtol=1e-6)
@@ -51,8 +53,8 @@ def test_gradient_accumulation_equals_one_full_batch():
 
 def test_z_loss_adds_the_squared_log_partition():
     config = tiny_config()
-    graphdef, _, create_state = create_state_fn(config)
-    params = jax.jit(create_state)()["params"]
+    graphdef = model_graphdef(config.model)
+    params = jax.jit(lambda: init_params(config.model, 0))()
     batch = random_batch(8, 32, 320)
     plain, (ce, _) = loss_sums(params, graphdef, batch, 0.0)
     with_z, (ce_z, _) = loss_sums(params, graphdef, batch, 1e-2)
@@ -73,7 +75,7 @@ def test_schedules():
 
 def test_no_weight_decay_on_norms_and_biases():
     config = tiny_config()
-    params = jax.eval_shape(create_state_fn(config)[2])["params"]
+    params = jax.eval_shape(lambda: init_params(config.model, 0))
     mask = weight_decay_mask(params)
     assert mask["layers"]["self_attn"]["q_proj"] == {"kernel": True, "bias": False}
     assert mask["layers"]["input_layernorm"]["weight"] is False and mask["norm"]["weight"] is False
@@ -95,7 +97,7 @@ def test_training_on_real_text_lowers_the_loss_and_leaves_its_artifacts(tmp_path
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     assert len(evals) == 6 and evals[-1] < evals[0]
     assert all(m["tokens_per_s"] > 0 and m["tflops_per_s"] > 0 for m in metrics)
-    assert Checkpointer(tmp_path).all_steps() == [18, 21, 24]  # checkpoint.keep = 3
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [18, 21, 24]  # checkpoint.keep = 3
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "config.yaml").is_file()
 
