@@ -1,6 +1,7 @@
 # Sourced by train.sh and test.sh: make a virtual environment (Python 3.11+) hold the pinned
 # dependencies. train.sh uses ./.venv with the runtime only; test.sh uses ./.venv-test, which adds
-# the test tools and libtpu (for TPU plans; a training environment should not load it on CPU).
+# the test tools (pytest, hypothesis, torch, transformers) and libtpu, which a training environment
+# should not have: libtpu tries to start a TPU in every JAX process.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/${PARSCALE_VENV:-.venv}"

@@ -71,6 +71,15 @@ def load_hf(directory, **kwargs):
         directory, trust_remote_code=True, dtype=torch.float32, **kwargs)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """The tensors are tiny: torch's intra-op threads only add overhead on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ids():
     return np.random.default_rng(0).integers(0, 257, (2, 24))
