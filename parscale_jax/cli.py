@@ -34,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import jax
 
     from parscale_jax.config import resolve_mesh
-    from parscale_jax.train import train
+    from parscale_jax.train import checkpoint_dir, train
 
     resolve_mesh(config, jax.device_count())  # and the mesh against the devices
     if jax.process_count() > 1 and not args.run_dir:
@@ -48,17 +48,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                **{k: last[k] for k in ("step", "loss", "eval_loss", "tokens_per_s") if k in last}}
     if is_main:
         print(json.dumps(summary))
-        print(f"checkpoints: {run_dir / 'checkpoints'}\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
+        print(f"checkpoints: {checkpoint_dir(config, run_dir)}\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
               f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
+def run_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The config saved in a run directory, under `overrides` (e.g. model.parscale_n to pick a stream set)."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError("--run-dir", f"{run_dir} holds no config.yaml; is it a training run directory?")
-    config = load_config(base=read_yaml(saved), overrides=args.overrides)
+    return load_config(base=read_yaml(saved), overrides=overrides)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    config = run_config(run_dir, args.overrides)
 
     import jax
 
@@ -94,10 +99,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError("--run-dir", f"{run_dir} holds no config.yaml; is it a training run directory?")
-    config = load_config(base=read_yaml(saved), overrides=args.overrides)
+    config = run_config(run_dir, args.overrides)
 
     from parscale_jax.convert import export_run
 

@@ -60,6 +60,7 @@ class HFTokenizer:
         self.vocab_size: int = self._tokenizer.get_vocab_size()
         found = [self._tokenizer.token_to_id(name) for name in EOS_NAMES]
         self.eos_id: int | None = next((i for i in found if i is not None), None)
+        self.eos_token: str | None = None if self.eos_id is None else self._tokenizer.id_to_token(self.eos_id)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)

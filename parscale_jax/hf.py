@@ -298,7 +298,7 @@ def _tokenizer_files(tokenizer: str, max_length: int) -> tuple[dict[str, str], i
             files[companion] = (source.parent / companion).read_text(encoding="utf-8")
     loaded = HFTokenizer(str(source))
     if "tokenizer_config.json" not in files:
-        eos = loaded._tokenizer.id_to_token(loaded.eos_id) if loaded.eos_id is not None else None
+        eos = loaded.eos_token
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos,
                   "model_max_length": max_length, "clean_up_tokenization_spaces": False}
         files["tokenizer_config.json"] = json.dumps(config, indent=2) + "\n"
@@ -376,6 +376,7 @@ def _write_tensors(directory: Path, sources: list[TensorSource], np_dtype: Any, 
             weight_map[name] = file_name
             total += array.nbytes
         save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
+        shutil.copymode(directory / "config.json", directory / file_name)  # safetensors writes owner-only
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

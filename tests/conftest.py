@@ -9,7 +9,19 @@ import tempfile
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE_DIR = tempfile.mkdtemp(prefix="parscale-jax-xla-cache-")
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Torch on tiny tensors: intra-op threads only add overhead, and spin badly on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

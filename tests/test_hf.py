@@ -71,13 +71,7 @@ def load_hf(directory, **kwargs):
         directory, trust_remote_code=True, dtype=torch.float32, **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """The tensors are tiny: torch's intra-op threads only add overhead on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +318,18 @@ def test_official_checkpoints_import_into_a_run(tmp_path):
     shutil.copytree(REFERENCE / "tiny_p2", tmp_path / "p2")
     assert run("import", "--hf", str(tmp_path / "p2"), "--out", str(tmp_path / "run")) == 0
     assert (tmp_path / "run" / "imported" / "parscale_p2").exists()
+
+
+def test_a_users_tokenizer_is_shipped_as_is(tmp_path):
+    source = tmp_path / "mine" / "tokenizer.json"
+    source.parent.mkdir()
+    source.write_text(hf.byte_tokenizer_json())
+    config = load_config(overrides=[*OUR_TINY, f"data.tokenizer={source}"])
+    params = jax.jit(lambda: init_params(config.model, 0))()
+    out = hf.write_hf_checkpoint(tmp_path / "hf", params, config.model, config.data.tokenizer)
+    assert (out / "tokenizer.json").read_text() == source.read_text()
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == hf.BYTE_EOS
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 256
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct((out / "config.json").stat().st_mode & 0o777)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer(TEXT)["input_ids"]) == TEXT

@@ -31,13 +31,7 @@ AUTO_MAP = {
 PAD = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and spin badly when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda p: f"P{p}")
