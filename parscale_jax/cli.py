@@ -87,6 +87,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    config = run_config(run_dir, args.overrides)
+    if (args.prompt is None) == (args.prompts is None):
+        raise ConfigError("--prompt", "give one --prompt TEXT or a --prompts FILE (one prompt per line)")
+    if args.prompts is not None:
+        if not Path(args.prompts).is_file():
+            raise ConfigError("--prompts", f"file not found: {args.prompts}")
+        texts = [line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise ConfigError("--prompts", f"{args.prompts} holds no prompt")
+    else:
+        texts = [args.prompt]
+
+    import jax
+
+    from parscale_jax import data
+    from parscale_jax.generate import Generator, SamplingConfig
+    from parscale_jax.sharding import Layout
+    from parscale_jax.train import restore_latest
+
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed).validate()
+    tokenizer = data.load_tokenizer(config.data)
+    prompts = [tokenizer.encode(text).tolist() for text in texts]
+    max_len = min(config.model.max_position_embeddings, max(map(len, prompts)) + sampling.max_new_tokens)
+    layout = Layout.create(config)
+    stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    with jax.set_mesh(layout.mesh):
+        graphdef, params, _ = restore_latest(config, run_dir, layout, args.step)
+        generator = Generator(graphdef, config.model, layout, len(prompts), max_len, sampling)
+        if len(prompts) == 1:  # stream the text as it comes
+            shown = ""
+            tokens: list[int] = []
+            print(texts[0], end="", flush=True)
+
+            def show(step_tokens):
+                nonlocal shown
+                if step_tokens[0] >= 0 and step_tokens[0] not in stop_ids:
+                    tokens.append(int(step_tokens[0]))
+                    text = tokenizer.decode(tokens)
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+
+            generator.run(params, prompts, stop_ids, on_tokens=show)
+            print()
+        else:
+            outputs, _ = generator.run(params, prompts, stop_ids)
+            for text, output in zip(texts, outputs):
+                print(text + tokenizer.decode([t for t in output if t not in stop_ids]))
+                print("-" * 40)
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from parscale_jax.convert import import_checkpoint
 
@@ -106,6 +159,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     summary = export_run(run_dir, args.out, config, args.step, args.dtype,
                          int(args.max_shard_gb * 1024**3), args.overwrite)
     print(json.dumps(summary))
+    return 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    config = load_config(_resolve_config_path(args.config), args.overrides)
+    if args.new_tokens < 2:
+        raise ConfigError("--new-tokens", f"must be >= 2 (latency is the difference of 1 and N tokens), "
+                          f"got {args.new_tokens}")
+    if args.prompt_len + args.new_tokens > config.model.max_position_embeddings:
+        raise ConfigError("--prompt-len", f"{args.prompt_len} + {args.new_tokens} new tokens exceed "
+                          f"model.max_position_embeddings={config.model.max_position_embeddings}")
+
+    import os
+    import platform
+
+    import jax
+
+    from parscale_jax import bench
+
+    names = ["decode", "equal-loss", "train"] if args.which == "all" else [args.which]
+    decode_options = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    meta = {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "config": args.config, "overrides": args.overrides}
+    for name in names:
+        started = time.perf_counter()
+        if name == "decode":
+            rows = bench.decode_cost(config.model, args.streams, args.batches, **decode_options)
+        elif name == "equal-loss":
+            rows = bench.equal_loss(config.model, tuple(p for p in args.streams if p > 1), args.batches,
+                                    **decode_options)
+        else:
+            rows = bench.train_throughput(config, args.streams, args.steps)
+        meta_run = {**meta, "seconds": round(time.perf_counter() - started, 1),
+                    "options": {**decode_options, "steps": args.steps}}
+        path = bench.write_report(name, rows, args.out, meta_run)
+        print(f"== {name} ({meta_run['seconds']} s; {path}, {bench.plot(name, rows, args.out)})")
+        print(bench.format_table(name, rows))
     return 0
 
 
@@ -155,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value")
     evaluate.set_defaults(func=cmd_eval)
 
+    generate = commands.add_parser("generate", help="continue prompts with a run's model (KV cache, sampling)")
+    generate.add_argument("--run-dir", required=True)
+    generate.add_argument("--prompt", help="one prompt; its continuation is printed as it is generated")
+    generate.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line, generated as a batch")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
+    generate.add_argument("overrides", nargs="*", metavar="section.key=value",
+                          help="e.g. model.parscale_n=4 to pick that stream set of a dynamic-P run")
+    generate.set_defaults(func=cmd_generate)
+
     importer = commands.add_parser(
         "import", help="turn a Hugging Face Qwen2/Llama/ParScale checkpoint into a run directory to train",
         description="Raise P with model.parscale_n=P (new streams start fresh); train only them with "
@@ -176,6 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="e.g. model.parscale_n=4 to pick that stream set of a dynamic-P run")
     exporter.set_defaults(func=cmd_export)
 
+    bencher = commands.add_parser(
+        "bench", help="measure what P streams cost: decode, equal-loss comparison, training throughput",
+        description="Each benchmark runs all its variants in one process and prints ratios next to absolute "
+                    "figures; it writes OUT/<name>.json and OUT/<name>.png.")
+    bencher.add_argument("which", choices=("decode", "equal-loss", "train", "all"))
+    bencher.add_argument("--config", default="bench_cpu", help="the model (and, for train, the batch) to measure")
+    bencher.add_argument("--out", default="bench/results", help="where the JSON and PNG files go")
+    bencher.add_argument("--streams", type=_int_list, default=(1, 2, 4, 8), help="values of P, e.g. 1,2,4,8")
+    bencher.add_argument("--batches", type=_int_list, default=(1, 2, 4, 8), help="decode batch sizes")
+    bencher.add_argument("--prompt-len", type=int, default=64)
+    bencher.add_argument("--new-tokens", type=int, default=32)
+    bencher.add_argument("--repeats", type=int, default=3, help="timings are the median of this many runs")
+    bencher.add_argument("--steps", type=int, default=5, help="timed training steps")
+    bencher.add_argument("overrides", nargs="*", metavar="section.key=value")
+    bencher.set_defaults(func=cmd_bench)
+
     planner = commands.add_parser(
         "plan", help="compile the train step for a TPU topology or GPU count and report per-device memory",
         description="Exit status: 0 if the step fits the target's memory, 1 if not, 2 on bad input.")
@@ -195,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from parscale_jax.data import DataError
 
     try:
-        if args.command in ("train", "eval"):
+        if args.command in ("train", "eval", "generate"):
             from parscale_jax import distributed
 
             setup = distributed.initialize(args.coordinator, args.num_processes, args.process_id)

@@ -109,14 +109,36 @@ class Attention(nnx.Module):
             v_BSKH = jnp.concatenate([prefix_v_BTKH, v_BSKH], axis=1)
             mask_BSS = jnp.concatenate([jnp.ones((B, S, T), dtype=bool), mask_BSS], axis=2)
 
+        return self._attend(q_BSNH, k_BSKH, v_BSKH, mask_BSS)
+
+    def cached(self, x_BSD, cos_BSH, sin_BSH, cache_k_BCKH, cache_v_BCKH, index, visible_BSC):
+        """Attention of S new tokens against a KV cache of C slots, for generation.
+
+        The cache holds this stream's prefix in slots [0, T) and earlier tokens after it; the new
+        keys/values are written at slots [index, index + S). `visible_BSC` says which slots each new
+        query may see. Returns (output, updated cache_k, updated cache_v).
+        """
+        B, S, _ = x_BSD.shape
+        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BSNH = apply_rope(self.q_proj(x_BSD).reshape(B, S, N, H), cos_BSH, sin_BSH)
+        k_BSKH = apply_rope(self.k_proj(x_BSD).reshape(B, S, K, H), cos_BSH, sin_BSH)
+        v_BSKH = self.v_proj(x_BSD).reshape(B, S, K, H)
+        cache_k_BCKH = jax.lax.dynamic_update_slice(cache_k_BCKH, k_BSKH.astype(cache_k_BCKH.dtype), (0, index, 0, 0))
+        cache_v_BCKH = jax.lax.dynamic_update_slice(cache_v_BCKH, v_BSKH.astype(cache_v_BCKH.dtype), (0, index, 0, 0))
+        out = self._attend(q_BSNH, cache_k_BCKH.astype(self.dtype), cache_v_BCKH.astype(self.dtype), visible_BSC)
+        return out, cache_k_BCKH, cache_v_BCKH
+
+    def _attend(self, q_BSNH, k_BTKH, v_BTKH, mask_BST):
         # Scores and softmax in float32. A query with no visible key (padding, P = 1) gets a uniform
         # distribution instead of NaN, which is what the reference implementation computes too.
+        B, S, N, H = q_BSNH.shape
+        K = k_BTKH.shape[2]
         q_BSKGH = q_BSNH.reshape(B, S, K, N // K, H)
-        scores_BKGST = jnp.einsum("bskgh,btkh->bkgst", q_BSKGH, k_BSKH,
+        scores_BKGST = jnp.einsum("bskgh,btkh->bkgst", q_BSKGH, k_BTKH,
                                   preferred_element_type=jnp.float32) * H**-0.5
-        scores_BKGST = jnp.where(mask_BSS[:, None, None], scores_BKGST, jnp.finfo(jnp.float32).min)
+        scores_BKGST = jnp.where(mask_BST[:, None, None], scores_BKGST, jnp.finfo(jnp.float32).min)
         probs_BKGST = jax.nn.softmax(scores_BKGST, axis=-1).astype(self.dtype)
-        out_BSKGH = jnp.einsum("bkgst,btkh->bskgh", probs_BKGST, v_BSKH)
+        out_BSKGH = jnp.einsum("bkgst,btkh->bskgh", probs_BKGST, v_BTKH)
         return self.o_proj(out_BSKGH.reshape(B, S, N * H))
 
 
@@ -145,6 +167,12 @@ class Block(nnx.Module):
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_BSH, sin_BSH, mask_BSS,
                                        prefix_k_KTH, prefix_v_KTH)
         return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
+
+    def cached(self, x_BSD, cos_BSH, sin_BSH, cache_k_BCKH, cache_v_BCKH, index, visible_BSC):
+        attended, cache_k_BCKH, cache_v_BCKH = self.self_attn.cached(
+            self.input_layernorm(x_BSD), cos_BSH, sin_BSH, cache_k_BCKH, cache_v_BCKH, index, visible_BSC)
+        x_BSD = x_BSD + attended
+        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD)), cache_k_BCKH, cache_v_BCKH
 
 
 REMAT_POLICIES = {
@@ -226,6 +254,37 @@ class ParScaleLM(nnx.Module):
         # so that sharding constraints inside can place it on the `stream` mesh axis.
         return jax.vmap(one_stream, in_axes=(None, 1, None), spmd_axis_name="stream")(
             shared_state, prefix_state, x_BSD)
+
+    def decode(self, tokens_BS, positions_BS, cache: dict, index, visible_BSC) -> tuple[jax.Array, dict]:
+        """Logits `[B, S, V]` of S new tokens written into the KV cache at slot `index`, and the
+        updated cache. `cache` holds "k" and "v", each `[L, P, B, C, K, H]` (see generate.py)."""
+        cfg = self.config
+        cos_BSH, sin_BSH = rope_tables(positions_BS, cfg.head_dim, cfg.rope_theta)
+        layers_def, prefix_state, shared_state = nnx.split(self.layers, ParScaleParam, ...)
+        x_BSD = constrain(self.embed_tokens(tokens_BS), ("batch", "length", "act_embed"))
+
+        def one_stream(shared_state, prefix_state, cache_k_LBCKH, cache_v_LBCKH):
+            def layer(x_BSD, inputs):
+                shared, prefix, cache_k_BCKH, cache_v_BCKH = inputs
+                block = nnx.merge(layers_def, shared, prefix)
+                x_BSD, cache_k_BCKH, cache_v_BCKH = block.cached(
+                    x_BSD, cos_BSH, sin_BSH, cache_k_BCKH, cache_v_BCKH, index, visible_BSC)
+                return constrain(x_BSD, ("batch", "length", "act_embed")), (cache_k_BCKH, cache_v_BCKH)
+
+            h_BSD, (cache_k, cache_v) = jax.lax.scan(
+                layer, x_BSD, (shared_state, prefix_state, cache_k_LBCKH, cache_v_LBCKH))
+            return self.norm(h_BSD), cache_k, cache_v
+
+        if cfg.parscale_n == 1:
+            h_BSD, cache_k, cache_v = one_stream(shared_state, prefix_state, cache["k"][:, 0], cache["v"][:, 0])
+            h_PBSD, cache = h_BSD[None], {"k": cache_k[:, None], "v": cache_v[:, None]}
+        else:
+            h_PBSD, cache_k, cache_v = jax.vmap(one_stream, in_axes=(None, 1, 1, 1), out_axes=(0, 1, 1),
+                                                spmd_axis_name="stream")(
+                shared_state, prefix_state, cache["k"], cache["v"])
+            cache = {"k": cache_k, "v": cache_v}
+        h_BSD, _ = self.aggregate(h_PBSD)
+        return self.lm_logits(h_BSD), cache
 
     def aggregate(self, h_PBSD) -> tuple[jax.Array, jax.Array]:
         """Input-dependent softmax mix of the streams: `(h_BSD, weights_BSP)`, in float32 inside."""

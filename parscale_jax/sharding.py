@@ -153,6 +153,10 @@ class Layout:
         """`[B, ...]` batch arrays: rows over `data`, the same on every stream and model device."""
         return NamedSharding(self.mesh, PartitionSpec("data"))
 
+    def cache_sharding(self) -> NamedSharding:
+        """The generation KV cache `[L, P, B, C, n_kv, head_dim]`: streams, rows and kv heads as in training."""
+        return NamedSharding(self.mesh, PartitionSpec(None, "stream", "data", None, self.rules["kv_heads"], None))
+
     def param_shardings(self, params: Any) -> Any:
         """Shardings of a parameter tree (arrays or ShapeDtypeStructs) by `PARAM_AXES`."""
 

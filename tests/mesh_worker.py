@@ -2,9 +2,9 @@
 
     python tests/mesh_worker.py OUT_DIR
 
-writes OUT_DIR/results.json (losses, grad norms and shardings per mesh) and OUT_DIR/<mesh>.npz
-(the first step's gradients). The helpers are imported by the test too, to compute the
-single-device reference the same way.
+writes OUT_DIR/results.json (losses, grad norms and shardings per mesh), OUT_DIR/<mesh>.npz
+(the first step's gradients) and OUT_DIR/generation.npz (greedy generation on the (1, 2, 4) mesh).
+The helpers are imported by the test too, to compute the single-device reference the same way.
 """
 
 from __future__ import annotations
@@ -95,6 +95,24 @@ def checked_specs(state: dict) -> dict[str, list]:
     return specs
 
 
+GENERATION_PROMPTS = [[5, 17, 42, 9, 100, 3], [7, 7, 250]]
+
+
+def generation(config) -> dict[str, np.ndarray]:
+    """Greedy tokens and per-step logits of two left-padded prompts, generated on config's mesh."""
+    from parscale_jax.generate import Generator, SamplingConfig
+    from parscale_jax.model import init_params, model_graphdef
+    from parscale_jax.sharding import Layout
+
+    layout = Layout.create(config)
+    with jax.set_mesh(layout.mesh):
+        abstract = jax.eval_shape(lambda: init_params(config.model, 0))
+        params = jax.jit(lambda: init_params(config.model, 7), out_shardings=layout.param_shardings(abstract))()
+        generator = Generator(model_graphdef(config.model), config.model, layout, 2, 16, SamplingConfig(8))
+        tokens, logits = generator.run(params, GENERATION_PROMPTS)
+    return {"tokens": np.asarray(tokens), "logits": logits}
+
+
 def main(out_dir: Path) -> None:
     from parscale_jax.checkpoint import Checkpointer
     from parscale_jax.model import init_params
@@ -123,6 +141,7 @@ def main(out_dir: Path) -> None:
     train(tiny_config(*mesh_overrides((1, 2, 4), False)), run_dir, progress=False)
     results["resume"] = {"losses": logged(run_dir, "loss")}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    np.savez(out_dir / "generation.npz", **generation(tiny_config(*mesh_overrides((1, 2, 4), False))))
 
 
 if __name__ == "__main__":

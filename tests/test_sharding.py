@@ -97,6 +97,14 @@ def test_checkpoint_moves_between_meshes(sharded, reference):
     np.testing.assert_allclose(results["resume"]["losses"], reference["losses"], rtol=0, atol=1e-5)
 
 
+def test_generation_on_a_stream_and_model_sharded_mesh_equals_one_device(sharded):
+    out, _ = sharded
+    on_mesh = np.load(out / "generation.npz")
+    alone = mesh_worker.generation(mesh_worker.tiny_config())
+    np.testing.assert_array_equal(on_mesh["tokens"], alone["tokens"])
+    np.testing.assert_allclose(on_mesh["logits"], alone["logits"], rtol=0, atol=1e-5)
+
+
 def test_every_parameter_has_a_rule():
     from parscale_jax.model import init_params
 

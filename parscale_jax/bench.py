@@ -1,0 +1,238 @@
+"""What P streams cost, measured: decode latency and memory, ParScale against parameter scaling at
+equal predicted loss (SPEC §5), and training throughput.
+
+Every benchmark measures all of its variants in one process, one after the other on the same
+machine, and reports ratios next to the absolute figures: timings on a shared machine drift, ratios
+taken side by side much less. Memory is the compiled program's own account (arguments + outputs -
+donated + temporaries), which does not depend on the allocator or on what else runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parscale_jax.config import Config, ModelConfig, validate_model
+from parscale_jax.counting import non_embedding_params, train_flops_per_token
+from parscale_jax.generate import Generator, SamplingConfig
+from parscale_jax.model import init_params, model_graphdef
+from parscale_jax.sharding import Layout
+
+STACK_V2_K = 0.3935  # k of the published Stack-V2-Python fit (SPEC §4)
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _decode_figures(cfg: ModelConfig, layout: Layout, batch: int, prompt_len: int, new_tokens: int,
+                    repeats: int) -> dict[str, float]:
+    """Per-token decode latency (s) and decode-step memory (bytes) of `cfg` at `batch`."""
+    graphdef = model_graphdef(cfg)
+    params = jax.jit(lambda: init_params(cfg, 0))()
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+    max_len = prompt_len + new_tokens
+    full = Generator(graphdef, cfg, layout, batch, max_len, SamplingConfig(new_tokens))
+    prefill_only = Generator(graphdef, cfg, layout, batch, max_len, SamplingConfig(1))
+    full.run(params, prompts), prefill_only.run(params, prompts)  # compile both
+    t_full = _median_seconds(lambda: full.run(params, prompts)[1], repeats)
+    t_prefill = _median_seconds(lambda: prefill_only.run(params, prompts)[1], repeats)
+    return {"latency_s": max(t_full - t_prefill, 0.0) / (new_tokens - 1),
+            "memory_bytes": full.decode_memory_bytes(params)}
+
+
+def decode_cost(model: ModelConfig, streams=(1, 2, 4, 8), batches=(1, 2, 4, 8), prompt_len: int = 64,
+                new_tokens: int = 32, repeats: int = 3) -> list[dict[str, Any]]:
+    """Per-token decode latency and memory for every P x batch, with ratios to P = 1 at the same batch."""
+    layout = Layout.create(Config(model=model), jax.devices()[:1])
+    rows = []
+    for batch in batches:
+        base = None
+        for P in streams:
+            cfg = validate_model(dataclasses.replace(model, parscale_n=P))
+            figures = _decode_figures(cfg, layout, batch, prompt_len, new_tokens, repeats)
+            base = base or figures
+            rows.append({"P": P, "batch": batch, **figures,
+                         "latency_ratio": figures["latency_s"] / base["latency_s"],
+                         "memory_ratio": figures["memory_bytes"] / base["memory_bytes"]})
+    return rows
+
+
+def dense_equivalent(base: ModelConfig, P: int, k: float = STACK_V2_K) -> ModelConfig:
+    """The P = 1 model the law says P streams are worth: N·(k ln P + 1) non-embedding parameters at
+    the same depth and head count, widened the way the paper's sizes grow (SPEC §2: a larger
+    head_dim, the MLP in proportion)."""
+    target = non_embedding_params(dataclasses.replace(base, parscale_n=1)) * (k * math.log(P) + 1)
+    best = None
+    for head_dim in range(base.head_dim, 8 * base.head_dim + 1, 2):  # even, for RoPE
+        hidden = base.num_heads * head_dim
+        mlp = 8 * max(1, round(base.intermediate_size * hidden / base.hidden_size / 8))
+        candidate = validate_model(dataclasses.replace(base, parscale_n=1, hidden_size=hidden,
+                                                       intermediate_size=mlp, head_dim=head_dim))
+        error = abs(non_embedding_params(candidate) - target)
+        if best is None or error < best[0]:
+            best = (error, candidate)
+        if non_embedding_params(candidate) > target:
+            break
+    return best[1]
+
+
+def equal_loss(base: ModelConfig, streams=(2, 4, 8), batches=(1, 2, 4, 8), prompt_len: int = 64,
+               new_tokens: int = 32, repeats: int = 3, k: float = STACK_V2_K) -> list[dict[str, Any]]:
+    """ParScale against parameter scaling at equal predicted loss: how much memory and latency each
+    adds over the P = 1 base, and the ratio of the two increases (the paper's 22x and 6x at 1.6B, P = 8)."""
+    layout = Layout.create(Config(model=base), jax.devices()[:1])
+    base = validate_model(dataclasses.replace(base, parscale_n=1))
+    rows = []
+    for batch in batches:
+        reference = _decode_figures(base, layout, batch, prompt_len, new_tokens, repeats)
+        for P in streams:
+            parscale = _decode_figures(dataclasses.replace(base, parscale_n=P), layout, batch, prompt_len,
+                                       new_tokens, repeats)
+            dense_cfg = dense_equivalent(base, P, k)
+            dense = _decode_figures(dense_cfg, layout, batch, prompt_len, new_tokens, repeats)
+            increase = {name: {key: figures[key] - reference[key] for key in ("latency_s", "memory_bytes")}
+                        for name, figures in (("parscale", parscale), ("dense", dense))}
+            rows.append({
+                "P": P, "batch": batch, "base_params": non_embedding_params(base),
+                "dense_params": non_embedding_params(dense_cfg), "dense_hidden": dense_cfg.hidden_size,
+                "base": reference, "parscale": parscale, "dense": dense,
+                "memory_increase_ratio": _ratio(increase["dense"]["memory_bytes"],
+                                                increase["parscale"]["memory_bytes"]),
+                "latency_increase_ratio": _ratio(increase["dense"]["latency_s"], increase["parscale"]["latency_s"]),
+            })
+    return rows
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a large float32 matrix product on the default device: the MFU denominator."""
+    a = jnp.ones((size, size), jnp.float32)
+    product = jax.jit(lambda x: x @ x)
+    product(a).block_until_ready()
+    return 2 * size**3 / _median_seconds(lambda: product(a), repeats)
+
+
+def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5) -> list[dict[str, Any]]:
+    """Training tokens/s and model FLOP utilization for every P, the peak measured in the same run."""
+    from parscale_jax.train import create_state_fn, jit_train_step
+
+    layout = Layout.create(config, jax.devices()[:1])
+    peak = matmul_peak_flops()
+    B, S = config.train.batch_size, config.data.seq_len
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (B, S + 1)).astype(np.int32)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, S), np.int32),
+             "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)), "loss_mask": np.ones((B, S), np.int32)}
+    rows, base = [], None
+    for P in streams:
+        cfg = dataclasses.replace(config, model=validate_model(dataclasses.replace(config.model, parscale_n=P)))
+        graphdef, optimizer, create_state = create_state_fn(cfg)
+        with jax.set_mesh(layout.mesh):
+            params = jax.jit(lambda: init_params(cfg.model, 0))()
+            state = create_state(params)
+            shardings = layout.state_shardings(jax.eval_shape(create_state, params))
+            step = jit_train_step(graphdef, optimizer, cfg.train, layout, shardings, {})
+            state, _ = step(state, {}, batch)  # compile
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = step(state, {}, batch)
+            jax.block_until_ready(metrics)
+            seconds = (time.perf_counter() - start) / steps
+        tokens_per_s = B * S / seconds
+        flops = tokens_per_s * train_flops_per_token(cfg.model, S)
+        base = base or tokens_per_s
+        rows.append({"P": P, "tokens_per_s": tokens_per_s, "model_flops_per_s": flops, "peak_flops_per_s": peak,
+                     "mfu": flops / peak, "throughput_ratio": tokens_per_s / base})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def write_report(name: str, rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, **meta, "rows": rows}, indent=2) + "\n")
+    return path
+
+
+def format_table(name: str, rows: list[dict[str, Any]]) -> str:
+    if name == "decode":
+        header = "   P  batch  ms/token  latency x  decode memory (MiB)  memory x"
+        lines = [f"{r['P']:4d}  {r['batch']:5d}  {r['latency_s'] * 1e3:8.2f}  {r['latency_ratio']:9.2f}  "
+                 f"{r['memory_bytes'] / 2**20:19.2f}  {r['memory_ratio']:8.2f}" for r in rows]
+    elif name == "equal-loss":
+        header = ("   P  batch  dense params/base  memory +: dense / ParScale  latency +: dense / ParScale  "
+                  "memory-increase x  latency-increase x")
+        lines = []
+        for r in rows:
+            mem = [(r[m]["memory_bytes"] - r["base"]["memory_bytes"]) / 2**20 for m in ("dense", "parscale")]
+            lat = [(r[m]["latency_s"] - r["base"]["latency_s"]) * 1e3 for m in ("dense", "parscale")]
+            fmt = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
+            lines.append(f"{r['P']:4d}  {r['batch']:5d}  {r['dense_params'] / r['base_params']:17.2f}  "
+                         f"{mem[0]:9.2f} / {mem[1]:8.2f} MiB  {lat[0]:10.3f} / {lat[1]:7.3f} ms    "
+                         f"{fmt(r['memory_increase_ratio']):>15}  {fmt(r['latency_increase_ratio']):>18}")
+    else:
+        header = "   P  tokens/s  throughput x    MFU"
+        lines = [f"{r['P']:4d}  {r['tokens_per_s']:8.0f}  {r['throughput_ratio']:12.2f}  {r['mfu']:6.1%}" for r in rows]
+    return "\n".join([header, *lines])
+
+
+def plot(name: str, rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(out_dir) / f"{name}.png"
+    if name == "decode":
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for batch in sorted({r["batch"] for r in rows}):
+            mine = [r for r in rows if r["batch"] == batch]
+            Ps = [r["P"] for r in mine]
+            axes[0].plot(Ps, [r["latency_s"] * 1e3 for r in mine], "o-", label=f"batch {batch}")
+            axes[1].plot(Ps, [r["memory_bytes"] / 2**20 for r in mine], "o-", label=f"batch {batch}")
+        axes[0].set(xlabel="P (streams)", ylabel="ms per decoded token", xscale="log", title="decode latency")
+        axes[1].set(xlabel="P (streams)", ylabel="MiB (decode step)", xscale="log", title="decode memory")
+    elif name == "equal-loss":
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for P in sorted({r["P"] for r in rows}):
+            mine = [r for r in rows if r["P"] == P]
+            axes[0].plot([r["batch"] for r in mine], [r["memory_increase_ratio"] or np.nan for r in mine], "o-",
+                         label=f"P = {P}")
+            axes[1].plot([r["batch"] for r in mine], [r["latency_increase_ratio"] or np.nan for r in mine], "o-",
+                         label=f"P = {P}")
+        axes[0].set(xlabel="batch", ylabel="dense / ParScale", title="memory increase over P = 1")
+        axes[1].set(xlabel="batch", ylabel="dense / ParScale", title="latency increase over P = 1")
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        axes[0].plot([r["P"] for r in rows], [r["tokens_per_s"] for r in rows], "o-")
+        axes[1].plot([r["P"] for r in rows], [r["mfu"] * 100 for r in rows], "o-")
+        axes[0].set(xlabel="P (streams)", ylabel="training tokens/s", xscale="log", title="throughput")
+        axes[1].set(xlabel="P (streams)", ylabel="MFU (%)", xscale="log", title="model FLOP utilization")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,172 @@
+"""Generation: a preallocated KV cache, a jitted prefill and decode step, sampling and stop tokens.
+
+The cache of every layer and stream holds C = T + max_len slots: the stream's T prefix
+keys/values, written once when the cache is made, then one slot per token. Stacked over layers and
+streams it is `[L, P, B, C, n_kv, head_dim]` for keys and for values, sharded like the activations
+(streams over `stream`, rows over `data`, kv heads over `model`).
+
+Batches are left-padded: every row's last prompt token sits in the same slot, so one decode step
+serves the whole batch. Padding slots are hidden from every query and real tokens are numbered from
+0 in each row, so a padded row generates exactly what the same prompt does alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from parscale_jax.config import ConfigError, ModelConfig
+from parscale_jax.sharding import Layout
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens; 0: all
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p
+    seed: int = 0
+
+    def validate(self) -> SamplingConfig:
+        checks = [(self.max_new_tokens >= 1, "--max-new-tokens", "must be >= 1"),
+                  (self.temperature >= 0, "--temperature", "must be >= 0"),
+                  (self.top_k >= 0, "--top-k", "must be >= 0"),
+                  (0 < self.top_p <= 1, "--top-p", "must lie in (0, 1]")]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(key, f"{message}, got {getattr(self, key[2:].replace('-', '_'))}")
+        return self
+
+
+def sample(logits_BV: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
+    """Next tokens `[B]` from last-position logits: greedy, or temperature / top-k / top-p sampling."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if s.temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / s.temperature
+    if s.top_k > 0:
+        kth_BV = jax.lax.top_k(logits_BV, s.top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_BV, -jnp.inf, logits_BV)
+    if s.top_p < 1:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        # The smallest prefix of the sorted tokens whose mass reaches top_p (the first token always).
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        cutoff_B1 = jnp.min(jnp.where(before_BV < s.top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def prefix_slots(cfg: ModelConfig) -> int:
+    return cfg.parscale_n_tokens if cfg.parscale_n > 1 else 0
+
+
+def init_cache(params: dict, cfg: ModelConfig, batch: int, max_len: int) -> dict:
+    """Keys and values `[L, P, B, T + max_len, n_kv, head_dim]`, the prefixes already in slots [0, T)."""
+    L, P, K, H, T = cfg.num_layers, cfg.parscale_n, cfg.num_kv_heads, cfg.head_dim, prefix_slots(cfg)
+    dtype = jnp.dtype(cfg.dtype)
+    cache = {}
+    for name in ("k", "v"):
+        cache_LPBCKH = jnp.zeros((L, P, batch, T + max_len, K, H), dtype)
+        if T:
+            prefix_LPTKH = params["layers"]["self_attn"][f"prefix_{name}"].transpose(0, 1, 3, 2, 4).astype(dtype)
+            prefix_LPBTKH = jnp.broadcast_to(prefix_LPTKH[:, :, None], (L, P, batch, T, K, H))
+            cache_LPBCKH = cache_LPBCKH.at[:, :, :, :T].set(prefix_LPBTKH)
+        cache[name] = cache_LPBCKH
+    return cache
+
+
+class Generator:
+    """Compiled prefill and decode steps for one model, batch size and length budget."""
+
+    def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig, layout: Layout, batch: int, max_len: int,
+                 sampling: SamplingConfig):
+        self.cfg, self.layout, self.batch, self.max_len, self.sampling = cfg, layout, batch, max_len, sampling
+        T = prefix_slots(cfg)
+        cache_sharding = layout.cache_sharding()
+        cache_shardings = {"k": cache_sharding, "v": cache_sharding}
+
+        def prefill(params, tokens_BS, positions_BS, visible_BSC, key):
+            cache = init_cache(params, cfg, batch, max_len)
+            model = nnx.merge(graphdef, nnx.State(params))
+            logits_BSV, cache = model.decode(tokens_BS, positions_BS, cache, T, visible_BSC)
+            return sample(logits_BSV[:, -1], key, sampling), logits_BSV[:, -1], cache
+
+        def decode(params, cache, token_B, position_B, index, visible_BC, key):
+            model = nnx.merge(graphdef, nnx.State(params))
+            logits_B1V, cache = model.decode(token_B[:, None], position_B[:, None], cache, index,
+                                             visible_BC[:, None])
+            return sample(logits_B1V[:, 0], key, sampling), logits_B1V[:, 0], cache
+
+        replicated = layout.replicated()
+        self._prefill = jax.jit(prefill, out_shardings=(replicated, replicated, cache_shardings))
+        self._decode = jax.jit(decode, donate_argnums=1, out_shardings=(replicated, replicated, cache_shardings))
+
+    def decode_memory_bytes(self, params: dict) -> int:
+        """Device memory of one decode step as compiled: parameters, cache, inputs, outputs and
+        temporaries, less what the donated cache lets the outputs reuse."""
+        B, C = self.batch, prefix_slots(self.cfg) + self.max_len
+        cache = jax.eval_shape(lambda p: init_cache(p, self.cfg, B, self.max_len), params)
+        token_B = jax.ShapeDtypeStruct((B,), jnp.int32)
+        visible_BC = jax.ShapeDtypeStruct((B, C), jnp.bool_)
+        compiled = self._decode.lower(params, cache, token_B, token_B, 0, visible_BC, jax.random.key(0)).compile()
+        memory = compiled.memory_analysis()
+        return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                   + memory.temp_size_in_bytes)
+
+    def run(self, params: dict, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int] = (),
+            on_tokens: Callable[[np.ndarray], None] | None = None) -> tuple[list[list[int]], np.ndarray]:
+        """(generated tokens per prompt, without the prompt and ending at a stop token if one came,
+        the last-position logits of every step `[steps, B, V]`). `on_tokens` gets each step's tokens."""
+        B, T, budget = len(prompts), prefix_slots(self.cfg), self.max_len
+        if B != self.batch:
+            raise ValueError(f"this generator was built for {self.batch} prompts, got {B}")
+        S = max(len(p) for p in prompts)
+        if S == 0 or min(len(p) for p in prompts) == 0:
+            raise ConfigError("--prompt", "every prompt needs at least one token")
+        new_tokens = min(self.sampling.max_new_tokens, budget - S)
+        if new_tokens < 1:
+            raise ConfigError("--max-new-tokens", f"prompts of {S} tokens leave no room in {budget} positions")
+
+        # Left padding: row b's prompt ends at column S - 1. `real_BC` marks the cache slots holding
+        # real keys: the prefix, the row's own prompt tokens, and every slot generation will fill.
+        tokens_BS = np.zeros((B, S), np.int32)
+        real_BS = np.zeros((B, S), bool)
+        for b, prompt in enumerate(prompts):
+            tokens_BS[b, S - len(prompt):] = prompt
+            real_BS[b, S - len(prompt):] = True
+        positions_BS = np.maximum(np.cumsum(real_BS, axis=1) - 1, 0).astype(np.int32)
+        real_BC = np.concatenate([np.ones((B, T), bool), real_BS, np.ones((B, budget - S), bool)], axis=1)
+        slots_C = np.arange(T + budget)
+        visible_BSC = real_BC[:, None, :] & (slots_C[None, None, :] <= T + np.arange(S)[None, :, None])
+
+        keys = jax.random.split(jax.random.key(self.sampling.seed), new_tokens)
+        token_B, logits_BV, cache = self._prefill(params, tokens_BS, positions_BS, visible_BSC, keys[0])
+        position_B = real_BS.sum(axis=1).astype(np.int32)  # the first generated token's position
+        steps, logits = [], []
+        done_B = np.zeros(B, bool)
+        stop = np.asarray(list(stop_ids) or [-1])
+        for step in range(new_tokens):
+            token = np.asarray(token_B)
+            steps.append(token)
+            logits.append(np.asarray(logits_BV))
+            if on_tokens is not None:
+                on_tokens(np.where(done_B, -1, token))
+            done_B |= np.isin(token, stop)
+            if done_B.all() or step == new_tokens - 1:
+                break
+            index = T + S + step
+            visible_BC = real_BC & (slots_C[None, :] <= index)
+            token_B, logits_BV, cache = self._decode(params, cache, token, position_B + step, index, visible_BC,
+                                                     keys[step + 1])
+        generated = np.stack(steps, axis=1)
+        results = []
+        for row in generated.tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in set(stop_ids)), len(row))
+            results.append(row[:cut])
+        return results, np.stack(logits)
