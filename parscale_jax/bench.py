@@ -77,7 +77,7 @@ def dense_equivalent(base: ModelConfig, P: int, k: float = STACK_V2_K) -> ModelC
     head_dim, the MLP in proportion)."""
     target = non_embedding_params(dataclasses.replace(base, parscale_n=1)) * (k * math.log(P) + 1)
     best = None
-    for head_dim in range(base.head_dim, 8 * base.head_dim + 1, 2):  # even, for RoPE
+    for head_dim in range(base.head_dim + 2, 8 * base.head_dim + 1, 2):  # wider, and even for RoPE
         hidden = base.num_heads * head_dim
         mlp = 8 * max(1, round(base.intermediate_size * hidden / base.hidden_size / 8))
         candidate = validate_model(dataclasses.replace(base, parscale_n=1, hidden_size=hidden,
@@ -229,6 +229,10 @@ def plot(name: str, rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
         axes[0].set(xlabel="P (streams)", ylabel="training tokens/s", xscale="log", title="throughput")
         axes[1].set(xlabel="P (streams)", ylabel="MFU (%)", xscale="log", title="model FLOP utilization")
     for ax in axes:
+        if ax.get_xscale() == "log":  # P = 1, 2, 4, 8 evenly spaced, labelled plainly
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["P"] for r in rows}), [str(P) for P in sorted({r["P"] for r in rows})])
+            ax.minorticks_off()
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
         ax.grid(alpha=0.3)

@@ -295,17 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure what P streams cost: decode, equal-loss comparison, training throughput",
         description="Each benchmark runs all its variants in one process and prints ratios next to absolute "
                     "figures; it writes OUT/<name>.json and OUT/<name>.png.")
-    bencher.add_argument("which", choices=("decode", "equal-loss", "train", "all"))
-    bencher.add_argument("--config", default="bench_cpu", help="the model (and, for train, the batch) to measure")
-    bencher.add_argument("--out", default="bench/results", help="where the JSON and PNG files go")
-    bencher.add_argument("--streams", type=_int_list, default=(1, 2, 4, 8), help="values of P, e.g. 1,2,4,8")
-    bencher.add_argument("--batches", type=_int_list, default=(1, 2, 4, 8), help="decode batch sizes")
-    bencher.add_argument("--prompt-len", type=int, default=64)
-    bencher.add_argument("--new-tokens", type=int, default=32)
-    bencher.add_argument("--repeats", type=int, default=3, help="timings are the median of this many runs")
-    bencher.add_argument("--steps", type=int, default=5, help="timed training steps")
-    bencher.add_argument("overrides", nargs="*", metavar="section.key=value")
-    bencher.set_defaults(func=cmd_bench)
+    benchmarks = bencher.add_subparsers(dest="which", required=True)
+    for name, summary in (("decode", "per-token decode latency and memory for every P x batch"),
+                          ("equal-loss", "P streams against the dense model of equal predicted loss"),
+                          ("train", "training tokens/s and model FLOP utilization for every P"),
+                          ("all", "the three, one after the other")):
+        one = benchmarks.add_parser(name, help=summary)
+        one.add_argument("--config", default="bench_cpu", help="the model (and, for train, the batch) to measure")
+        one.add_argument("--out", default="bench/results", help="where the JSON and PNG files go")
+        one.add_argument("--streams", type=_int_list, default=(1, 2, 4, 8), help="values of P, e.g. 1,2,4,8")
+        one.add_argument("--batches", type=_int_list, default=(1, 2, 4, 8), help="decode batch sizes")
+        one.add_argument("--prompt-len", type=int, default=64)
+        one.add_argument("--new-tokens", type=int, default=32)
+        one.add_argument("--repeats", type=int, default=3, help="timings are the median of this many runs")
+        one.add_argument("--steps", type=int, default=5, help="timed training steps")
+        one.add_argument("overrides", nargs="*", metavar="section.key=value")
+        one.set_defaults(func=cmd_bench)
 
     planner = commands.add_parser(
         "plan", help="compile the train step for a TPU topology or GPU count and report per-device memory",

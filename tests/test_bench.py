@@ -1,0 +1,59 @@
+"""Benchmarks run end to end on tiny sizes and report consistent figures (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from parscale_jax import bench
+from parscale_jax.cli import main
+from parscale_jax.config import load_config
+from parscale_jax.counting import non_embedding_params
+
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.parscale_n_tokens=4", "data.seq_len=32", "train.batch_size=2"]
+
+
+@pytest.mark.parametrize("P", [2, 4, 8])
+def test_dense_equivalent_has_the_parameters_the_law_predicts(P):
+    base = load_config().model
+    dense = bench.dense_equivalent(base, P)
+    target = non_embedding_params(base) * (bench.STACK_V2_K * math.log(P) + 1)
+    assert abs(non_embedding_params(dense) - target) / target < 0.06
+    assert dense.num_layers == base.num_layers and dense.num_heads == base.num_heads
+    assert dense.hidden_size > base.hidden_size and dense.parscale_n == 1
+
+
+def test_bench_command_writes_tables_json_and_plots(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "all", "--config", "default", "--out", str(out), "--streams", "1,2", "--batches", "1,2",
+                 "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--steps", "1", *TINY]) == 0
+    printed = capsys.readouterr().out
+    for name in ("decode", "equal-loss", "train"):
+        assert f"== {name}" in printed
+        assert (out / f"{name}.png").stat().st_size > 1000
+    decode = json.loads((out / "decode.json").read_text())
+    assert decode["device"] and decode["rows"]
+    rows = {(r["P"], r["batch"]): r for r in decode["rows"]}
+    assert set(rows) == {(1, 1), (2, 1), (1, 2), (2, 2)}
+    for batch in (1, 2):
+        assert rows[1, batch]["latency_ratio"] == rows[1, batch]["memory_ratio"] == 1.0
+        # Two streams hold two KV caches and two prefix sets: the compiled step needs more memory.
+        assert rows[2, batch]["memory_bytes"] > rows[1, batch]["memory_bytes"]
+    equal = json.loads((out / "equal-loss.json").read_text())["rows"]
+    assert [r["P"] for r in equal] == [2, 2]  # P = 1 is the base, not a comparison
+    assert all(r["dense_params"] > r["base_params"] for r in equal)
+    train = json.loads((out / "train.json").read_text())["rows"]
+    assert [r["P"] for r in train] == [1, 2] and train[0]["throughput_ratio"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in train)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--new-tokens", "1"], "--new-tokens: must be >= 2"),
+    (["--prompt-len", "5000"], "exceed model.max_position_embeddings"),
+])
+def test_bench_errors(tmp_path, capsys, args, fragment):
+    assert main(["bench", "decode", "--out", str(tmp_path), *args]) == 2
+    assert fragment in capsys.readouterr().err
