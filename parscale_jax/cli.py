@@ -210,6 +210,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_law(args: argparse.Namespace) -> int:
+    from parscale_jax import scaling_law
+
+    groups = scaling_law.read_results(args.results, args.group)
+    fits = {}
+    for name, (N, P, loss) in groups.items():
+        try:
+            fit = scaling_law.fit_law(N, P, loss)
+        except ValueError as err:
+            raise ConfigError("RESULTS", f"group '{name}': {err}") from None
+        fits[name] = (fit, (N, P, loss))
+        print(scaling_law.format_fit(name, fit, N, P, loss))
+        if args.predict:
+            n, p = args.predict
+            print(f"predicted loss at N = {n:.4g}, P = {int(p)}: {float(fit.law.loss(n, p)):.4f}; a P = 1 model "
+                  f"needs N = {float(fit.law.dense_equivalent(n, p)):.4g} for it")
+    plot = args.plot or str(Path(args.results).with_suffix(".law.png"))
+    try:
+        print(f"plot: {scaling_law.plot_fits(fits, plot)}")
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install 'parscale-jax[bench]')")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     config = load_config(_resolve_config_path(args.config), args.overrides)
     if (args.topology is None) == (args.gpus is None):
@@ -311,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--steps", type=int, default=5, help="timed training steps")
         one.add_argument("overrides", nargs="*", metavar="section.key=value")
         one.set_defaults(func=cmd_bench)
+
+    law = commands.add_parser(
+        "fit-law", help="fit the parallel scaling law L = (A / (N (k ln P + 1)))^alpha + E to measured losses",
+        description="RESULTS is a CSV with columns non_embedding_params (or N), P and final_loss (or eval_loss, "
+                    "loss). The fit is the paper's: Huber loss on log losses, L-BFGS-B from a grid of starts.")
+    law.add_argument("results", metavar="RESULTS.csv")
+    law.add_argument("--group", help="fit each value of this column separately (e.g. corpus)")
+    law.add_argument("--predict", nargs=2, type=float, metavar=("N", "P"), help="predict the loss of one model")
+    law.add_argument("--plot", help="where to write the PNG plot (default: RESULTS.law.png)")
+    law.set_defaults(func=cmd_fit_law)
 
     planner = commands.add_parser(
         "plan", help="compile the train step for a TPU topology or GPU count and report per-device memory",
