@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parscale_jax import plotting
 from parscale_jax.config import Config, ModelConfig, validate_model
 from parscale_jax.counting import non_embedding_params, train_flops_per_token
 from parscale_jax.generate import Generator, SamplingConfig
@@ -197,10 +198,7 @@ def format_table(name: str, rows: list[dict[str, Any]]) -> str:
 
 
 def plot(name: str, rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     path = Path(out_dir) / f"{name}.png"
     if name == "decode":
@@ -236,7 +234,4 @@ def plot(name: str, rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, path)

@@ -6,6 +6,7 @@ before anything is traced or compiled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.resources
@@ -152,10 +153,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
         try:

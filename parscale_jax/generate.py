@@ -150,7 +150,8 @@ class Generator:
         position_B = real_BS.sum(axis=1).astype(np.int32)  # the first generated token's position
         steps, logits = [], []
         done_B = np.zeros(B, bool)
-        stop = np.asarray(list(stop_ids) or [-1])
+        stops = set(stop_ids)
+        stop = np.asarray(list(stops) or [-1])
         for step in range(new_tokens):
             token = np.asarray(token_B)
             steps.append(token)
@@ -167,6 +168,6 @@ class Generator:
         generated = np.stack(steps, axis=1)
         results = []
         for row in generated.tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in set(stop_ids)), len(row))
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             results.append(row[:cut])
         return results, np.stack(logits)

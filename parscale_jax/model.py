@@ -330,6 +330,11 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
     return nnx.to_pure_dict(nnx.state(ParScaleLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
 
 
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The parameter tree's shapes and dtypes (ShapeDtypeStructs), allocating nothing."""
+    return jax.eval_shape(lambda: init_params(cfg, 0))
+
+
 def split_params(params: dict, cfg: ModelConfig) -> tuple[dict, dict]:
     """(ParScale parameters: prefixes and aggregator, backbone parameters) of a parameter dict."""
     abstract = nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0)))

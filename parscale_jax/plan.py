@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from parscale_jax import data
 from parscale_jax.config import Config, ConfigError
 from parscale_jax.sharding import Layout, with_shardings
-from parscale_jax.model import init_params
+from parscale_jax.model import abstract_params
 from parscale_jax.train import create_state_fn, jit_train_step, partition_trainable
 
 GIB = 1024**3
@@ -108,8 +108,8 @@ def plan(config: Config, target: Target) -> dict[str, Any]:
     """Per-device memory of one training step of `config` on `target`, from its compiled program."""
     layout = Layout.create(config, list(target.devices))
     graphdef, optimizer, create_state = create_state_fn(config)
-    abstract_params = jax.eval_shape(lambda: init_params(config.model, 0))
-    trained, frozen = partition_trainable(abstract_params, config)
+    params = abstract_params(config.model)
+    trained, frozen = partition_trainable(params, config)
     abstract_state = jax.eval_shape(create_state, trained)
     shardings = layout.state_shardings(abstract_state)
     state = with_shardings(abstract_state, shardings)
@@ -124,7 +124,7 @@ def plan(config: Config, target: Target) -> dict[str, Any]:
         "mesh": dict(layout.mesh.shape), "fsdp": config.mesh.fsdp,
         "rows_per_device": B // layout.mesh.shape["data"], "seq_len": S,
         "micro_batch_rows_per_device": B // config.train.grad_accum // layout.mesh.shape["data"],
-        "parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params)),
+        "parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
         "params_bytes": _bytes_per_device(state["params"]) + _bytes_per_device(frozen),
         "opt_state_bytes": _bytes_per_device(state["opt_state"]),
         "memory_per_device_bytes": int(target.memory_per_device),

@@ -14,6 +14,8 @@ import math
 import numpy as np
 from scipy.optimize import minimize
 
+from parscale_jax import plotting
+
 HUBER_DELTA = 1e-3
 A_SCALE = 1e9  # the fit works with A / 1e9, as the paper's script does
 START_E = (math.exp(-1), math.exp(-0.5), 1.0)
@@ -133,10 +135,7 @@ def format_fit(name: str, fit: Fit, N: np.ndarray, P: np.ndarray, loss: np.ndarr
 
 
 def plot_fits(fits: dict[str, tuple[Fit, tuple[np.ndarray, np.ndarray, np.ndarray]]], path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     fig, axes = plt.subplots(1, len(fits), figsize=(5.5 * len(fits), 4), squeeze=False)
     for ax, (name, (fit, (N, P, loss))) in zip(axes[0], fits.items()):
@@ -150,7 +149,4 @@ def plot_fits(fits: dict[str, tuple[Fit, tuple[np.ndarray, np.ndarray, np.ndarra
                title=f"{name}: k = {fit.law.k:.3f}, alpha = {fit.law.alpha:.3f}")
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, path)

@@ -24,7 +24,7 @@ from parscale_jax.checkpoint import Checkpointer, restore_params
 from parscale_jax.config import Config, ConfigError, TrainConfig, to_dict
 from parscale_jax.counting import train_flops_per_token
 from parscale_jax.logger import MetricsLogger
-from parscale_jax.model import init_params, merge_params, model_graphdef, split_params
+from parscale_jax.model import abstract_params, init_params, merge_params, model_graphdef, split_params
 from parscale_jax.sharding import Layout, constrain, with_shardings
 
 Batch = dict[str, jax.Array]
@@ -194,8 +194,7 @@ def starting_params(config: Config, run_dir: Path, layout: Layout) -> tuple[dict
     rest, e.g. the new prefixes and aggregator when P was raised on a P = 1 checkpoint.
     """
     cfg, seed = config.model, config.train.seed
-    abstract = jax.eval_shape(lambda: init_params(cfg, seed))
-    params = jax.jit(lambda: init_params(cfg, seed), out_shardings=layout.param_shardings(abstract))()
+    params = jax.jit(lambda: init_params(cfg, seed), out_shardings=layout.param_shardings(abstract_params(cfg)))()
     parscale, backbone = split_params(params, cfg)
     source = imported_dir(run_dir)
     if (source / "backbone").exists():
@@ -212,8 +211,7 @@ def frozen_params(config: Config, run_dir: Path, layout: Layout) -> dict:
     """The parameters a run does not train, read again on every start: they are never checkpointed."""
     if config.train.trainable != "parscale":
         return {}
-    abstract = jax.eval_shape(lambda: init_params(config.model, 0))
-    _, backbone = split_params(abstract, config.model)
+    _, backbone = split_params(abstract_params(config.model), config.model)
     return restore_params(imported_dir(run_dir) / "backbone", _on_layout(backbone, layout))
 
 
@@ -233,8 +231,7 @@ def restore_latest(config: Config, run_dir: Path, layout: Layout,
         step = max(steps)
     elif step not in steps:
         raise FileNotFoundError(f"no checkpoint of step {step} in {checkpointer.directory} (it has {steps})")
-    abstract = jax.eval_shape(lambda: init_params(config.model, 0))
-    trained, _ = partition_trainable(abstract, config)
+    trained, _ = partition_trainable(abstract_params(config.model), config)
     # Only the parameters: the optimizer state stays on disk.
     params = checkpointer.restore_part(step, {"params": _on_layout(trained, layout)})["params"]
     checkpointer.close()
@@ -287,16 +284,15 @@ def train(config: Config, run_dir: str | Path, progress: bool = True,
 
         graphdef, optimizer, create_state = create_state_fn(config)
         checkpointer = Checkpointer(checkpoint_dir(config, run_dir), config.checkpoint)
-        frozen = frozen_params(config, run_dir, layout)
         start = checkpointer.latest_step()
         if start is None:
             start = 0
-            trained, _ = starting_params(config, run_dir, layout)
+            trained, frozen = starting_params(config, run_dir, layout)
             state_shardings = layout.state_shardings(jax.eval_shape(create_state, trained))
             state = jax.jit(create_state, out_shardings=state_shardings)(trained)
         else:
-            abstract = jax.eval_shape(lambda: init_params(config.model, 0))
-            abstract_state = jax.eval_shape(create_state, partition_trainable(abstract, config)[0])
+            frozen = frozen_params(config, run_dir, layout)
+            abstract_state = jax.eval_shape(create_state, partition_trainable(abstract_params(config.model), config)[0])
             state_shardings = layout.state_shardings(abstract_state)
             state = checkpointer.restore(start, with_shardings(abstract_state, state_shardings), train_iter)
         save_run_config(config, run_dir)

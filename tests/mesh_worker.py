@@ -61,14 +61,14 @@ def first_gradients(config) -> dict[str, np.ndarray]:
     """Gradients of the mean loss at the initial state on the first batch, computed on config's mesh."""
     from parscale_jax import data
     from parscale_jax.sharding import Layout
-    from parscale_jax.model import init_params, model_graphdef
+    from parscale_jax.model import abstract_params, init_params, model_graphdef
     from parscale_jax.train import loss_sums
 
     layout = Layout.create(config)
     graphdef = model_graphdef(config.model)
     with jax.set_mesh(layout.mesh):
-        shardings = {"params": layout.param_shardings(jax.eval_shape(lambda: init_params(config.model, 0)))}
-        params = jax.jit(lambda: init_params(config.model, config.train.seed), out_shardings=shardings["params"])()
+        shardings = layout.param_shardings(abstract_params(config.model))
+        params = jax.jit(lambda: init_params(config.model, config.train.seed), out_shardings=shardings)()
         rows = layout.process_rows(config.train.batch_size)
         batch = layout.put_batch(next(iter(data.train_dataset(config, rows))), config.train.batch_size)
 
@@ -76,8 +76,8 @@ def first_gradients(config) -> dict[str, np.ndarray]:
             grads, (_, n_tokens) = jax.grad(loss_sums, has_aux=True)(params, graphdef, batch, 0.0)
             return jax.tree.map(lambda g: g / n_tokens, grads)
 
-        grads = jax.jit(mean_loss_grads, in_shardings=(shardings["params"], layout.batch_sharding()),
-                        out_shardings=shardings["params"])(params, batch)
+        grads = jax.jit(mean_loss_grads, in_shardings=(shardings, layout.batch_sharding()),
+                        out_shardings=shardings)(params, batch)
     return {"/".join(str(k.key) for k in path): np.asarray(g)
             for path, g in jax.tree_util.tree_leaves_with_path(grads)}
 
@@ -101,13 +101,13 @@ GENERATION_PROMPTS = [[5, 17, 42, 9, 100, 3], [7, 7, 250]]
 def generation(config) -> dict[str, np.ndarray]:
     """Greedy tokens and per-step logits of two left-padded prompts, generated on config's mesh."""
     from parscale_jax.generate import Generator, SamplingConfig
-    from parscale_jax.model import init_params, model_graphdef
+    from parscale_jax.model import abstract_params, init_params, model_graphdef
     from parscale_jax.sharding import Layout
 
     layout = Layout.create(config)
     with jax.set_mesh(layout.mesh):
-        abstract = jax.eval_shape(lambda: init_params(config.model, 0))
-        params = jax.jit(lambda: init_params(config.model, 7), out_shardings=layout.param_shardings(abstract))()
+        shardings = layout.param_shardings(abstract_params(config.model))
+        params = jax.jit(lambda: init_params(config.model, 7), out_shardings=shardings)()
         generator = Generator(model_graphdef(config.model), config.model, layout, 2, 16, SamplingConfig(8))
         tokens, logits = generator.run(params, GENERATION_PROMPTS)
     return {"tokens": np.asarray(tokens), "logits": logits}
@@ -115,7 +115,7 @@ def generation(config) -> dict[str, np.ndarray]:
 
 def main(out_dir: Path) -> None:
     from parscale_jax.checkpoint import Checkpointer
-    from parscale_jax.model import init_params
+    from parscale_jax.model import abstract_params
     from parscale_jax.sharding import Layout, with_shardings
     from parscale_jax.train import checkpoint_dir, create_state_fn, train
 
@@ -127,7 +127,7 @@ def main(out_dir: Path) -> None:
             run_dir = out_dir / key
             train(config, run_dir, progress=False)
             _, _, create_state = create_state_fn(config)
-            abstract = jax.eval_shape(create_state, jax.eval_shape(lambda: init_params(config.model, 0)))
+            abstract = jax.eval_shape(create_state, abstract_params(config.model))
             layout = Layout.create(config)
             state = Checkpointer(checkpoint_dir(config, run_dir)).restore(
                 4, with_shardings(abstract, layout.state_shardings(abstract)))

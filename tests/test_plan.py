@@ -34,10 +34,10 @@ def parameter_count(*overrides: str) -> int:
     import jax
 
     from parscale_jax.config import load_config
-    from parscale_jax.model import init_params
+    from parscale_jax.model import abstract_params
 
     model = load_config(overrides=list(overrides)).model
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(model, 0))))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(model)))
 
 
 def test_gpu_plan_reports_exact_parameter_and_optimizer_bytes(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from parscale_jax import cli
 from parscale_jax.checkpoint import Checkpointer
 from parscale_jax.config import TrainConfig, load_config
-from parscale_jax.model import init_params, model_graphdef
+from parscale_jax.model import abstract_params, init_params, model_graphdef
 from parscale_jax.train import (create_state_fn, learning_rate_schedule, loss_sums, make_train_step, train,
                                 weight_decay_mask)
 
@@ -75,7 +75,7 @@ def test_schedules():
 
 def test_no_weight_decay_on_norms_and_biases():
     config = tiny_config()
-    params = jax.eval_shape(lambda: init_params(config.model, 0))
+    params = abstract_params(config.model)
     mask = weight_decay_mask(params)
     assert mask["layers"]["self_attn"]["q_proj"] == {"kernel": True, "bias": False}
     assert mask["layers"]["input_layernorm"]["weight"] is False and mask["norm"]["weight"] is False

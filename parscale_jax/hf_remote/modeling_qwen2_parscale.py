@@ -312,7 +312,7 @@ class Qwen2ParScaleForCausalLM(Qwen2ParScalePreTrainedModel, GenerationMixin):
         """`logits_to_keep`: an int n keeps the logits of the last n positions (0 keeps all), a tensor indexes the
         sequence axis; `generate` passes 1 so the prompt's logits are never materialized."""
         if output_attentions or output_hidden_states:
-            raise NotImplementedError("Qwen2ParScale does not return attention maps or per-layer hidden states.")
+            raise ValueError("Qwen2ParScale does not return attention maps or per-layer hidden states.")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
