@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -43,11 +45,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if is_main:
         print(f"run directory: {run_dir.absolute()}")
     started = time.perf_counter()
-    last = train(config, run_dir, progress=not args.no_progress, stop_at=args.stop_at)
+    last = train(config, run_dir, progress=not args.no_progress, stop_at=args.stop_at, fallback=args.fallback,
+                 override_config=args.override_config)
     summary = {"run_dir": str(run_dir.absolute()), "wall_time_s": round(time.perf_counter() - started, 1),
-               **{k: last[k] for k in ("step", "loss", "eval_loss", "tokens_per_s") if k in last}}
+               **{k: last[k] for k in ("step", "loss", "eval_loss", "tokens_per_s", "stopped_by") if k in last}}
     if is_main:
         print(json.dumps(summary))
+        if "stopped_by" in last:
+            print(f"stopped by {last['stopped_by']} after step {last['step']}, checkpointed; resume with:\n"
+                  f"  parscale-jax train --run-dir {run_dir}")
+            return 0
         print(f"checkpoints: {checkpoint_dir(config, run_dir)}\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
               f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
@@ -65,23 +72,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     config = run_config(run_dir, args.overrides)
 
-    import jax
-
     from parscale_jax import data
-    from parscale_jax.sharding import Layout
-    from parscale_jax.train import jit_eval_step, mean_loss, placed_eval_batches, restore_latest
+    from parscale_jax.train import evaluate_run
 
     rows = None  # the held-out split
     if args.text:
         rows = data.text_file_rows(args.text, data.load_tokenizer(config.data), config.data.seq_len)
-    layout = Layout.create(config)
-    with jax.set_mesh(layout.mesh):
-        batches = placed_eval_batches(config, layout, rows, args.batches)
-        graphdef, params, step = restore_latest(config, run_dir, layout)
-        loss, target_tokens = mean_loss(jit_eval_step(graphdef, layout, params), params, batches)
-    result = {"step": step, "loss": loss, "target_tokens": target_tokens,
-              "source": args.text or "held-out split"}
-    out = Path(args.out) if args.out else run_dir / f"eval_step{step}.json"
+    result = {**evaluate_run(config, run_dir, rows, args.batches), "source": args.text or "held-out split"}
+    out = Path(args.out) if args.out else run_dir / f"eval_step{result['step']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
@@ -111,7 +109,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed).validate()
     tokenizer = data.load_tokenizer(config.data)
     prompts = [tokenizer.encode(text).tolist() for text in texts]
-    max_len = min(config.model.max_position_embeddings, max(map(len, prompts)) + sampling.max_new_tokens)
+    longest = max(map(len, prompts))
+    if longest >= config.model.max_position_embeddings:
+        raise ConfigError("--prompt", f"a prompt of {longest} tokens leaves no room to generate within "
+                          f"model.max_position_embeddings={config.model.max_position_embeddings}")
+    max_len = min(config.model.max_position_embeddings, longest + sampling.max_new_tokens)
     layout = Layout.create(config)
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     with jax.set_mesh(layout.mesh):
@@ -210,10 +212,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fit_law(args: argparse.Namespace) -> int:
+def _fit_and_plot(groups: dict, plot: str, predict: tuple[float, float] | None = None) -> dict:
+    """Fit the law to each group of (N, P, loss) points, print the fits and plot them."""
     from parscale_jax import scaling_law
 
-    groups = scaling_law.read_results(args.results, args.group)
     fits = {}
     for name, (N, P, loss) in groups.items():
         try:
@@ -222,15 +224,48 @@ def cmd_fit_law(args: argparse.Namespace) -> int:
             raise ConfigError("RESULTS", f"group '{name}': {err}") from None
         fits[name] = (fit, (N, P, loss))
         print(scaling_law.format_fit(name, fit, N, P, loss))
-        if args.predict:
-            n, p = args.predict
+        if predict:
+            n, p = predict
             print(f"predicted loss at N = {n:.4g}, P = {int(p)}: {float(fit.law.loss(n, p)):.4f}; a P = 1 model "
                   f"needs N = {float(fit.law.dense_equivalent(n, p)):.4g} for it")
-    plot = args.plot or str(Path(args.results).with_suffix(".law.png"))
     try:
         print(f"plot: {scaling_law.plot_fits(fits, plot)}")
     except ImportError:
         print("plot skipped: matplotlib is not installed (pip install 'parscale-jax[bench]')")
+    return fits
+
+
+def cmd_fit_law(args: argparse.Namespace) -> int:
+    from parscale_jax import scaling_law
+
+    groups = scaling_law.read_results(args.results, args.group)
+    _fit_and_plot(groups, args.plot or str(Path(args.results).with_suffix(".law.png")), args.predict)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    base = load_config(_resolve_config_path(args.config), args.overrides)
+
+    import jax
+
+    from parscale_jax import scaling_law, sweep
+    from parscale_jax.config import resolve_mesh
+
+    runs = sweep.grid(base, args.sizes, args.parscale, args.tokens)  # every config checked before training
+    for config in runs.values():
+        resolve_mesh(config, jax.device_count())
+    out = Path(args.out)
+    rows = sweep.run_sweep(runs, out, progress=not args.no_progress)
+    if jax.process_index() != 0:
+        return 0
+    print(sweep.format_table(rows))
+    if len(args.sizes) < 2 or len(args.parscale) < 2:
+        print("fit skipped: the law needs at least two widths and two values of P")
+        return 0
+    fits = _fit_and_plot(scaling_law.read_results(str(out / "results.csv"), None), str(out / "results.law.png"))
+    law = fits["all"][0].law
+    (out / "fit.json").write_text(json.dumps({**dataclasses.asdict(law), "r2": fits["all"][0].r2}, indent=2) + "\n")
+    print(f"results: {out / 'results.csv'}\nfit:     {out / 'fit.json'}")
     return 0
 
 
@@ -269,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--stop-at", type=int, metavar="STEP",
                        help="checkpoint and exit at this step; the same command resumes")
+    train.add_argument("--fallback", action="store_true",
+                       help="if the newest checkpoint is damaged, set it aside and resume from the one before")
+    train.add_argument("--override-config", action="store_true",
+                       help="continue an existing run under settings that differ from the ones it started with")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.set_defaults(func=cmd_train)
 
@@ -346,6 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
     law.add_argument("--plot", help="where to write the PNG plot (default: RESULTS.law.png)")
     law.set_defaults(func=cmd_fit_law)
 
+    sweeper = commands.add_parser(
+        "sweep", help="train a grid of widths x P on equal tokens, then fit the scaling law to it",
+        description="Each run goes to OUT/d<width>_p<P>; finished runs are not trained again and a cut-off one "
+                    "resumes. Widths keep the base config's depth, head size and MLP ratio. Writes "
+                    "OUT/results.csv, OUT/fit.json and OUT/results.law.png.")
+    sweeper.add_argument("--config", default="sweep", help="the base config (default: the shipped 'sweep')")
+    sweeper.add_argument("--sizes", type=_int_list, default=(32, 64, 128), help="model widths (hidden sizes)")
+    sweeper.add_argument("--parscale", type=_int_list, default=(1, 2, 4), help="values of P")
+    sweeper.add_argument("--tokens", type=int, help="training tokens of every run (default: the base config's "
+                         "steps x batch_size x seq_len)")
+    sweeper.add_argument("--out", default="runs/sweep", help="the sweep's directory")
+    sweeper.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweeper.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to the base config")
+    sweeper.set_defaults(func=cmd_sweep)
+
     planner = commands.add_parser(
         "plan", help="compile the train step for a TPU topology or GPU count and report per-device memory",
         description="Exit status: 0 if the step fits the target's memory, 1 if not, 2 on bad input.")
@@ -360,12 +414,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_errors() -> None:
+    """Orbax and TensorStore report a failed background write (a full disk) with tracebacks from their
+    threads; the error that reaches us says the same in one line, so theirs show only with --debug."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = lambda unraisable: None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_library_errors()
     from parscale_jax.data import DataError
+    from parscale_jax.errors import CheckpointError, NonFiniteError
 
     try:
-        if args.command in ("train", "eval", "generate"):
+        if args.command in ("train", "eval", "generate", "sweep"):
             from parscale_jax import distributed
 
             setup = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -377,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"parscale-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteError) as err:  # the run's files or numbers, not its command line
+        if args.debug:
+            raise
+        print(f"parscale-jax {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

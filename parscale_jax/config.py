@@ -31,6 +31,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 SCHEDULES = ("cosine", "wsd", "constant")
 TRAINABLE = ("all", "parscale")
+ON_NONFINITE = ("skip", "stop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,7 @@ class TrainConfig:
     eval_every: int = 100  # 0 disables periodic evaluation
     eval_batches: int = 8  # batches of held-out data per evaluation; 0: the whole split
     trainable: str = "all"  # "parscale": train only prefixes and aggregator on a frozen backbone (PEFT)
+    on_nonfinite: str = "skip"  # NaN/Inf loss or gradients: skip that update, or stop with the last good state saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +201,18 @@ def to_dict(config: Config) -> dict[str, Any]:
         return value
 
     return plain(dataclasses.asdict(config))
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} wherever two `to_dict` trees differ, e.g. {'train.steps': (300, 400)}."""
+    differ = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ.update(config_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            differ[f"{prefix}{key}"] = (a, b)
+    return differ
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -397,6 +411,8 @@ def validate(config: Config) -> Config:
              f"must be one of {TRAINABLE}, got '{t.trainable}'{_closest(t.trainable, list(TRAINABLE))}")
     _require(t.trainable != "parscale" or m.parscale_n > 1, "train.trainable",
              "'parscale' trains the prefixes and aggregator, which exist only with model.parscale_n > 1")
+    _require(t.on_nonfinite in ON_NONFINITE, "train.on_nonfinite",
+             f"must be one of {ON_NONFINITE}, got '{t.on_nonfinite}'{_closest(t.on_nonfinite, list(ON_NONFINITE))}")
     _require(0.0 <= t.b1 < 1.0, "train.b1", f"must lie in [0, 1), got {t.b1}")
     _require(0.0 <= t.b2 < 1.0, "train.b2", f"must lie in [0, 1), got {t.b2}")
 

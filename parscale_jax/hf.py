@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from parscale_jax.config import ConfigError, ModelConfig, validate_model
@@ -242,13 +242,21 @@ def read_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, An
                           "only safetensors checkpoints are read")
     tensors: dict[str, np.ndarray] = {}
     for name in files:
-        with safe_open(str(directory / name), framework="numpy") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    try:
-        return cfg, params_from_hf(tensors, cfg)
-    except KeyError as err:
-        raise ConfigError("--hf", f"{directory} lacks tensor {err.args[0]} that its config.json implies") from None
+        try:
+            with safe_open(str(directory / name), framework="numpy") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (OSError, SafetensorError) as err:  # missing, truncated or not safetensors at all
+            raise ConfigError("--hf", f"{directory / name} cannot be read: {err}") from None
+    from parscale_jax.model import abstract_params
+
+    for name, shape, _ in hf_tensor_sources(abstract_params(cfg), cfg):
+        if name not in tensors:
+            raise ConfigError("--hf", f"{directory} lacks tensor {name} that its config.json implies")
+        if tensors[name].shape != shape:
+            raise ConfigError("--hf", f"{directory}: tensor {name} has shape {list(tensors[name].shape)}, but "
+                              f"config.json implies {list(shape)}")
+    return cfg, params_from_hf(tensors, cfg)
 
 
 # ---------------------------------------------------------------------------------------------

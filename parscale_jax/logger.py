@@ -22,8 +22,7 @@ class MetricsLogger:
         """A resumed run repeats the steps after its checkpoint; forget their first logging."""
         if not self.jsonl_path.exists():
             return
-        lines = self.jsonl_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in self.jsonl_path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.jsonl_path)
@@ -41,3 +40,11 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line torn by a kill mid-write counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -172,7 +172,8 @@ class Layout:
             return by_path.get(_keys(path), self.replicated())
 
         return {"step": self.replicated(), "params": params,
-                "opt_state": jax.tree_util.tree_map_with_path(opt_leaf, state["opt_state"])}
+                "opt_state": jax.tree_util.tree_map_with_path(opt_leaf, state["opt_state"]),
+                "skipped_steps": self.replicated()}
 
     def process_rows(self, global_batch: int) -> slice:
         """The contiguous rows of a global batch whose shards live on this process's devices."""

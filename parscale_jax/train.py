@@ -7,6 +7,8 @@ parameters as a nested dict, turned back into the NNX model inside the loss with
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -21,10 +23,12 @@ from tqdm import tqdm
 
 from parscale_jax import data
 from parscale_jax.checkpoint import Checkpointer, restore_params
-from parscale_jax.config import Config, ConfigError, TrainConfig, to_dict
+from parscale_jax.config import Config, ConfigError, TrainConfig, config_differences, read_yaml, to_dict
 from parscale_jax.counting import train_flops_per_token
+from parscale_jax.errors import CheckpointError, NonFiniteError
 from parscale_jax.logger import MetricsLogger
 from parscale_jax.model import abstract_params, init_params, merge_params, model_graphdef, split_params
+from parscale_jax.preemption import StopRequests
 from parscale_jax.sharding import Layout, constrain, with_shardings
 
 Batch = dict[str, jax.Array]
@@ -115,10 +119,20 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         n_tokens = jnp.maximum(n_tokens, 1.0)
         grads = jax.tree.map(lambda g, p: (g / n_tokens).astype(p.dtype), grads, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": ce_sum / n_tokens, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"]), "tokens": n_tokens}
+        grad_norm = optax.tree.norm(grads)
+        loss_finite, grads_finite = jnp.isfinite(ce_sum), jnp.isfinite(grad_norm)
+        updated = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                   "opt_state": opt_state, "skipped_steps": state["skipped_steps"]}
+        # A non-finite loss or gradient never reaches the parameters or the Adam moments. Skipping
+        # counts the step as done; stopping leaves the state exactly as before, for the loop to save.
+        if t.on_nonfinite == "skip":
+            unchanged = {**state, "step": state["step"] + 1, "skipped_steps": state["skipped_steps"] + 1}
+        else:
+            unchanged = state
+        new_state = jax.tree.map(functools.partial(jnp.where, loss_finite & grads_finite), updated, unchanged)
+        metrics = {"loss": ce_sum / n_tokens, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "tokens": n_tokens, "loss_finite": loss_finite, "grads_finite": grads_finite,
+                   "skipped_steps": new_state["skipped_steps"]}
         return new_state, metrics
 
     return train_step
@@ -169,7 +183,8 @@ def create_state_fn(config: Config):
     optimizer = make_optimizer(config.train)
 
     def create_state(params: dict) -> dict:
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+                "skipped_steps": jnp.zeros((), jnp.int32)}
 
     return model_graphdef(config.model), optimizer, create_state
 
@@ -245,6 +260,17 @@ def jit_eval_step(graphdef: nnx.GraphDef, layout: Layout, params: dict):
                    out_shardings=layout.replicated())
 
 
+def evaluate_run(config: Config, run_dir: Path, rows: data.Rows | None = None, limit: int = 0,
+                 step: int | None = None) -> dict[str, Any]:
+    """Mean loss of a run's latest checkpoint (or `step`) on `rows` (default: the held-out split)."""
+    layout = Layout.create(config)
+    with jax.set_mesh(layout.mesh):
+        batches = placed_eval_batches(config, layout, rows, limit)
+        graphdef, params, step = restore_latest(config, run_dir, layout, step)
+        loss, target_tokens = mean_loss(jit_eval_step(graphdef, layout, params), params, batches)
+    return {"step": step, "loss": loss, "target_tokens": target_tokens}
+
+
 def placed_eval_batches(config: Config, layout: Layout, rows: data.Rows | None = None,
                         limit: int = 0) -> Iterable[Batch]:
     """`data.eval_batches` as global arrays on the mesh, each process supplying its own rows."""
@@ -268,37 +294,84 @@ def save_run_config(config: Config, run_dir: Path) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
-def train(config: Config, run_dir: str | Path, progress: bool = True,
-          stop_at: int | None = None) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; returns the last logged metrics.
+# Where the run is laid out, saved and reported: a resumed run computes the same either way.
+FREE_TO_CHANGE = ("mesh.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches")
+
+
+def check_saved_config(config: Config, run_dir: Path, override: bool) -> None:
+    """Resuming under other settings than a run was started with needs `override`; the model's
+    shape can never change (its checkpoints would not fit). Before the first checkpoint (e.g. just
+    after `parscale-jax import`) the saved config is only a starting point."""
+    saved, checkpoints = run_dir / "config.yaml", checkpoint_dir(config, run_dir)
+    if not saved.is_file() or not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        return
+    differ = {key: change for key, change in config_differences(read_yaml(saved), to_dict(config)).items()
+              if not key.startswith(FREE_TO_CHANGE)}
+    if config.train.trainable == "parscale":  # each P of a PEFT run is its own stream set
+        differ.pop("model.parscale_n", None)
+    changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differ.items())
+    shape = [key for key in differ if key.startswith("model.")]
+    if shape:
+        raise ConfigError(shape[0], f"{run_dir} holds a model of another shape ({changes}); its checkpoints "
+                          "cannot take the new one: train in a new --run-dir")
+    if differ and not override:
+        raise ConfigError(next(iter(differ)), f"{run_dir} was started with other settings ({changes}); "
+                          "pass --override-config to continue it with the new ones")
+
+
+def resume_state(config: Config, run_dir: Path, layout: Layout, checkpointer: Checkpointer, train_iter,
+                 fallback: bool) -> tuple[int, dict, dict]:
+    """(step, train state, frozen parameters) to start from: the newest checkpoint, with `train_iter`
+    moved to its position, or step 0. With `fallback`, a damaged checkpoint is set aside and the one
+    before it is tried."""
+    _, _, create_state = create_state_fn(config)
+    step = checkpointer.latest_step()
+    if step is None:
+        trained, frozen = starting_params(config, run_dir, layout)
+        state_shardings = layout.state_shardings(jax.eval_shape(create_state, trained))
+        return 0, jax.jit(create_state, out_shardings=state_shardings)(trained), frozen
+    frozen = frozen_params(config, run_dir, layout)
+    abstract_state = jax.eval_shape(create_state, partition_trainable(abstract_params(config.model), config)[0])
+    abstract_state = with_shardings(abstract_state, layout.state_shardings(abstract_state))
+    while True:
+        try:
+            return step, checkpointer.restore(step, abstract_state, train_iter), frozen
+        except CheckpointError as err:
+            if not fallback:
+                raise
+            moved = checkpointer.set_aside(step)
+            print(f"{err}\n  moved to {moved}; trying the previous checkpoint", file=sys.stderr, flush=True)
+            step = checkpointer.latest_step()
+            if step is None:
+                raise CheckpointError(f"no good checkpoint is left in {checkpointer.directory}; the damaged "
+                                      f"ones are in {moved.parent}") from None
+
+
+def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: int | None = None,
+          fallback: bool = False, override_config: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; returns the last logged metrics, with "stopped_by"
+    naming the signal if SIGTERM or SIGINT ended it early (checkpointed).
 
     `stop_at` ends the session early at that step, checkpointed, for time-sliced jobs; running
-    again continues exactly as if it had never stopped.
+    again continues exactly as if it had never stopped. `fallback` resumes from the newest good
+    checkpoint when the newest is damaged; `override_config` continues a run under changed settings.
     """
     run_dir = Path(run_dir)
     t = config.train
+    check_saved_config(config, run_dir, override_config)
     layout = Layout.create(config)  # checks the mesh against the devices before anything compiles
-    with jax.set_mesh(layout.mesh):  # model.py's activation constraints refer to it
+    with jax.set_mesh(layout.mesh), StopRequests() as stop_requests:  # the mesh: for model.py's constraints
         my_rows = layout.process_rows(t.batch_size)
         train_iter = iter(data.train_dataset(config, my_rows))
 
         graphdef, optimizer, create_state = create_state_fn(config)
         checkpointer = Checkpointer(checkpoint_dir(config, run_dir), config.checkpoint)
-        start = checkpointer.latest_step()
-        if start is None:
-            start = 0
-            trained, frozen = starting_params(config, run_dir, layout)
-            state_shardings = layout.state_shardings(jax.eval_shape(create_state, trained))
-            state = jax.jit(create_state, out_shardings=state_shardings)(trained)
-        else:
-            frozen = frozen_params(config, run_dir, layout)
-            abstract_state = jax.eval_shape(create_state, partition_trainable(abstract_params(config.model), config)[0])
-            state_shardings = layout.state_shardings(abstract_state)
-            state = checkpointer.restore(start, with_shardings(abstract_state, state_shardings), train_iter)
+        start, state, frozen = resume_state(config, run_dir, layout, checkpointer, train_iter, fallback)
         save_run_config(config, run_dir)
 
         is_main = jax.process_index() == 0
         logger = MetricsLogger(run_dir, enabled=is_main, resume_step=start)
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
         frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
         train_step = jit_train_step(graphdef, optimizer, t, layout, state_shardings, frozen_shardings)
         eval_step = jit_eval_step(graphdef, layout, merge_params(frozen, state["params"]))
@@ -310,24 +383,43 @@ def train(config: Config, run_dir: str | Path, progress: bool = True,
         window_start, window_tokens = time.perf_counter(), 0
         end = min(stop_at or t.steps, t.steps)
         for step in range(start + 1, end + 1):
+            position = train_iter.get_state()  # where a stop on a non-finite step rewinds the data to
             state, metrics = train_step(state, frozen, layout.put_batch(next(train_iter), t.batch_size))
             window_tokens += t.batch_size * config.data.seq_len
             bar.update(1)
+            # One small device-to-host read per step: which step went non-finite is known exactly.
+            loss_finite, grads_finite = jax.device_get((metrics["loss_finite"], metrics["grads_finite"]))
+            if not (loss_finite and grads_finite):
+                what = "loss" if not loss_finite else "gradients"
+                if t.on_nonfinite == "stop":
+                    train_iter.set_state(position)
+                    if step - 1 not in checkpointer.all_steps():
+                        checkpointer.save(step - 1, state, train_iter, to_dict(config))
+                    checkpointer.wait()
+                    raise NonFiniteError(f"step {step}: non-finite {what}; stopped (train.on_nonfinite=stop) "
+                                         f"with the state of step {step - 1} saved in {checkpointer.directory}")
+                if is_main:
+                    bar.write(f"step {step}: non-finite {what}; update skipped "
+                              f"({int(metrics['skipped_steps'])} skipped so far)", file=sys.stderr)
             if step % t.log_every == 0 or step == t.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if "finite" not in k}
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / elapsed
                 last = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"],
-                        "grad_norm": metrics["grad_norm"], "tokens_per_s": tokens_per_s,
-                        "tflops_per_s": tokens_per_s * flops_per_token / 1e12}
+                        "grad_norm": metrics["grad_norm"], "skipped_steps": int(metrics["skipped_steps"]),
+                        "tokens_per_s": tokens_per_s, "tflops_per_s": tokens_per_s * flops_per_token / 1e12}
                 if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
                     last["eval_loss"], _ = mean_loss(eval_step, merge_params(frozen, state["params"]),
                                                      placed_eval_batches(config, layout, None, t.eval_batches))
                 logger.log(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
-            if step % config.checkpoint.every == 0 or step == end:
+            stop_signal = stop_requests.agreed()
+            if step % config.checkpoint.every == 0 or step == end or stop_signal:
                 checkpointer.save(step, state, train_iter, to_dict(config))
+            if stop_signal:
+                last = {**last, "step": step, "stopped_by": stop_signal}
+                break
         bar.close()
         checkpointer.wait()
         checkpointer.close()

@@ -60,8 +60,8 @@ def logged(run_dir: Path, key: str) -> list[float]:
 def first_gradients(config) -> dict[str, np.ndarray]:
     """Gradients of the mean loss at the initial state on the first batch, computed on config's mesh."""
     from parscale_jax import data
-    from parscale_jax.sharding import Layout
     from parscale_jax.model import abstract_params, init_params, model_graphdef
+    from parscale_jax.sharding import Layout
     from parscale_jax.train import loss_sums
 
     layout = Layout.create(config)

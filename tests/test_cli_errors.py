@@ -192,3 +192,25 @@ def test_multi_host_environment_variables_are_checked(capsys, tmp_path, monkeypa
     assert code == 2
     assert_one_error_line(capsys.readouterr().err.splitlines(), PREFIX,
                           "PARSCALE_NUM_PROCESSES: expected an integer, got 'two'")
+
+
+def test_token_ids_outside_the_vocabulary(capsys, tmp_path):
+    code, _, err = run_train(capsys, tmp_path, "model.vocab_size=128")
+    assert code == 2
+    assert_one_error_line(err, PREFIX, "the tokenizer has 257 tokens but model.vocab_size is 128")
+
+
+def test_an_empty_corpus_file(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    code, _, err = run_train(capsys, tmp_path, "data.corpus=files", f"data.paths=[{empty}]")
+    assert code == 2
+    assert_one_error_line(err, PREFIX, "holds no non-empty documents")
+
+
+def test_a_prompt_longer_than_the_models_positions(capsys, tmp_path):
+    (tmp_path / "config.yaml").write_text("model:\n  max_position_embeddings: 16\ndata:\n  seq_len: 16\n")
+    code = main(["generate", "--run-dir", str(tmp_path), "--prompt", "x" * 20])
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err.splitlines(), "parscale-jax generate: error: ", "--prompt",
+                          "a prompt of 20 tokens leaves no room", "max_position_embeddings=16")

@@ -333,3 +333,30 @@ def test_a_users_tokenizer_is_shipped_as_is(tmp_path):
     assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct((out / "config.json").stat().st_mode & 0o777)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.decode(tokenizer(TEXT)["input_ids"]) == TEXT
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    ("drop", "lacks tensor model.layers.1.mlp.up_proj.weight that its config.json implies"),
+    ("reshape", "tensor model.layers.1.mlp.up_proj.weight has shape [64, 128], but config.json implies [128, 64]"),
+    ("truncate", "model.safetensors cannot be read: "),
+])
+def test_a_damaged_hf_checkpoint_is_one_line(tmp_path, qwen_dir, capsys, damage, fragment):
+    from safetensors.numpy import load_file, save_file
+
+    source = tmp_path / "hf"
+    shutil.copytree(qwen_dir, source)
+    weights = source / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.1.mlp.up_proj.weight"
+    if damage == "drop":
+        del tensors[name]
+        save_file(tensors, weights)
+    elif damage == "reshape":
+        tensors[name] = np.ascontiguousarray(tensors[name].T)
+        save_file(tensors, weights)
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["import", "--hf", str(source), "--out", str(tmp_path / "run")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("parscale-jax import: error: --hf: ") and fragment in line
+    assert not (tmp_path / "run").exists()

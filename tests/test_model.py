@@ -13,8 +13,15 @@ from flax import nnx
 from parscale_jax.config import ModelConfig, load_config, packaged_config_path, validate_model
 from parscale_jax.counting import non_embedding_params, parscale_extra_params
 from parscale_jax.hf import read_hf_checkpoint
-from parscale_jax.model import (ParScaleLM, ParScaleParam, apply_rope, attention_mask, model_graphdef, rope_tables,
-                                run_layers)
+from parscale_jax.model import (
+    ParScaleLM,
+    ParScaleParam,
+    apply_rope,
+    attention_mask,
+    model_graphdef,
+    rope_tables,
+    run_layers,
+)
 
 # Outputs of the official implementation and the paper's loss table, copied from shared/data.
 SHARED = Path(__file__).resolve().parent / "data"

@@ -10,8 +10,14 @@ from parscale_jax import cli
 from parscale_jax.checkpoint import Checkpointer
 from parscale_jax.config import TrainConfig, load_config
 from parscale_jax.model import abstract_params, init_params, model_graphdef
-from parscale_jax.train import (create_state_fn, learning_rate_schedule, loss_sums, make_train_step, train,
-                                weight_decay_mask)
+from parscale_jax.train import (
+    create_state_fn,
+    learning_rate_schedule,
+    loss_sums,
+    make_train_step,
+    train,
+    weight_decay_mask,
+)
 
 TINY = ["model.vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
         "model.num_heads=4", "model.num_kv_heads=2", "model.parscale_n=2", "model.parscale_n_tokens=4",

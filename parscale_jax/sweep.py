@@ -1,0 +1,127 @@
+"""`parscale-jax sweep`: train a grid of model widths x stream counts P on equal training tokens,
+then fit the parallel scaling law (`scaling_law.py`) to their final losses.
+
+Each run lives in OUT/d{width}_p{P}/ and ends with a `result.json` holding its loss on the whole
+held-out split. A run that has one is not trained again; a run that was cut off resumes from its
+last checkpoint. The grid's results go to OUT/results.csv, the fit to OUT/fit.json and the plot to
+OUT/results.law.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from parscale_jax.config import Config, ConfigError, ModelConfig, config_differences, read_yaml, to_dict, validate
+from parscale_jax.counting import non_embedding_params, total_params
+
+RESULT = "result.json"
+COLUMNS = ("run", "hidden_size", "P", "non_embedding_params", "total_params", "tokens", "steps",
+           "train_loss", "eval_loss", "eval_tokens", "tokens_per_s")
+
+
+def scaled_model(base: ModelConfig, width: int, parscale_n: int) -> ModelConfig:
+    """`base` at `width` channels with P streams: the head size, the query-to-KV-head ratio and the
+    MLP-to-width ratio stay those of `base`; the depth stays too."""
+    head_dim = base.head_dim
+    if width % head_dim:
+        raise ConfigError("--sizes", f"width {width} is not a multiple of the base model's head size {head_dim}")
+    heads = width // head_dim
+    kv_heads = max(heads // (base.num_heads // base.num_kv_heads), 1)
+    if heads % kv_heads:
+        raise ConfigError("--sizes", f"width {width} gives {heads} heads, which {kv_heads} KV heads do not divide")
+    mlp = max(round(width * base.intermediate_size / base.hidden_size / 8) * 8, 8)
+    return dataclasses.replace(base, hidden_size=width, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                               intermediate_size=mlp, parscale_n=parscale_n)
+
+
+def grid(base: Config, widths: tuple[int, ...], streams: tuple[int, ...], tokens: int | None) -> dict[str, Config]:
+    """The validated config of every run, by name. Every run trains on the same tokens: `tokens`
+    (rounded to whole steps) or the base config's steps; warmup keeps its share of the steps."""
+    t = base.train
+    tokens_per_step = t.batch_size * base.data.seq_len
+    steps = t.steps if tokens is None else round(tokens / tokens_per_step)
+    if steps < 1:
+        raise ConfigError("--tokens", f"{tokens} tokens are less than one step of {tokens_per_step} "
+                          f"(train.batch_size x data.seq_len)")
+    train = dataclasses.replace(t, steps=steps, warmup_steps=round(t.warmup_steps * steps / t.steps))
+    return {f"d{width}_p{p}": validate(dataclasses.replace(base, model=scaled_model(base.model, width, p), train=train))
+            for width in widths for p in streams}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def check_run_dir(name: str, config: Config, run_dir: Path) -> None:
+    """A run directory left by an earlier sweep must hold the same run; else resuming would mix two."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        differ = config_differences(read_yaml(saved), to_dict(config))
+        if differ:
+            raise ConfigError("--out", f"run {name} in {run_dir} was trained with other settings "
+                              f"({', '.join(differ)}); sweep into a new --out")
+
+
+def run_one(name: str, config: Config, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """Train (or finish) one run and evaluate it on the whole held-out split; its row of results.csv."""
+    import jax
+
+    from parscale_jax.train import evaluate_run, train
+
+    last = train(config, run_dir, progress=progress)
+    evaluation = evaluate_run(config, run_dir)
+    t = config.train
+    row = {"run": name, "hidden_size": config.model.hidden_size, "P": config.model.parscale_n,
+           "non_embedding_params": non_embedding_params(config.model), "total_params": total_params(config.model),
+           "tokens": t.steps * t.batch_size * config.data.seq_len, "steps": t.steps,
+           "train_loss": last.get("loss"), "eval_loss": evaluation["loss"],
+           "eval_tokens": evaluation["target_tokens"], "tokens_per_s": last.get("tokens_per_s")}
+    if jax.process_index() == 0:
+        _write_atomic(run_dir / RESULT, json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def run_sweep(runs: dict[str, Config], out: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Every run of the grid, skipping finished ones; writes and returns the rows of results.csv."""
+    import jax
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, config in runs.items():  # all of them before any training
+        check_run_dir(name, config, out / name)
+    rows = []
+    for index, (name, config) in enumerate(runs.items(), 1):
+        result = out / name / RESULT
+        if result.is_file():
+            print(f"[{index}/{len(runs)}] {name}: finished already, eval loss "
+                  f"{json.loads(result.read_text())['eval_loss']:.4f}", flush=True)
+            rows.append(json.loads(result.read_text()))
+            continue
+        print(f"[{index}/{len(runs)}] {name}: N = {non_embedding_params(config.model):,} non-embedding "
+              f"parameters, {config.train.steps} steps", flush=True)
+        rows.append(run_one(name, config, out / name, progress))
+        print(f"[{index}/{len(runs)}] {name}: eval loss {rows[-1]['eval_loss']:.4f}", flush=True)
+    if jax.process_index() == 0:
+        with (out / "results.csv.tmp").open("w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / "results.csv.tmp").replace(out / "results.csv")
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Each run's loss next to the P = 1 run of its width: does P > 1 beat P = 1 at equal width?"""
+    dense = {row["hidden_size"]: row["eval_loss"] for row in rows if row["P"] == 1}
+    lines = ["width   P  non-emb. N   eval loss   vs P = 1"]
+    for row in sorted(rows, key=lambda r: (r["hidden_size"], r["P"])):
+        delta = row["eval_loss"] - dense[row["hidden_size"]] if row["hidden_size"] in dense else None
+        shown = "" if delta is None or row["P"] == 1 else f"{delta:+.4f}"
+        lines.append(f"{row['hidden_size']:5d}  {row['P']:2d}  {row['non_embedding_params']:10,d}   "
+                     f"{row['eval_loss']:9.4f}   {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""`parscale-jax sweep`: a grid of (width, P) runs on equal tokens, resumable, fitted by the law."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from parscale_jax import sweep
+from parscale_jax.cli import main
+from parscale_jax.config import ConfigError, load_config
+from parscale_jax.counting import non_embedding_params
+
+BASE = ["model.hidden_size=32", "model.intermediate_size=88", "model.num_layers=1", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.parscale_n_tokens=4", "data.seq_len=32", "train.batch_size=8",
+        "train.steps=10", "train.warmup_steps=2", "train.eval_every=0", "checkpoint.every=4"]
+SWEEP = ["sweep", "--config", "sweep", "--sizes", "16,32", "--parscale", "1,2", "--tokens", "2048", "--no-progress"]
+
+
+def test_widths_keep_the_base_models_shape():
+    base = load_config(None, BASE).model  # head size 8, two query heads per KV head, MLP 2.75 x width
+    wide = sweep.scaled_model(base, 64, 4)
+    assert (wide.hidden_size, wide.num_heads, wide.num_kv_heads, wide.head_dim) == (64, 8, 4, 8)
+    assert (wide.intermediate_size, wide.parscale_n, wide.num_layers) == (176, 4, 1)
+    narrow = sweep.scaled_model(base, 8, 1)
+    assert (narrow.num_heads, narrow.num_kv_heads) == (1, 1)
+    with pytest.raises(ConfigError, match="width 12 is not a multiple of the base model's head size 8"):
+        sweep.scaled_model(base, 12, 1)
+
+
+def test_every_run_trains_on_the_same_tokens():
+    runs = sweep.grid(load_config(None, BASE), (16, 32), (1, 4), tokens=5000)
+    assert list(runs) == ["d16_p1", "d16_p4", "d32_p1", "d32_p4"]
+    assert {(c.train.steps, c.train.warmup_steps) for c in runs.values()} == {(20, 4)}  # 5000 / (8 x 32)
+    with pytest.raises(ConfigError, match="--tokens"):
+        sweep.grid(load_config(None, BASE), (16,), (1,), tokens=100)
+
+
+def test_sweep_trains_the_grid_fits_the_law_and_skips_finished_runs(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sweep"
+    assert main([*SWEEP, "--out", str(out), *BASE]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["hidden_size"], r["P"]) for r in rows] == [("16", "1"), ("16", "2"), ("32", "1"), ("32", "2")]
+    runs = sweep.grid(load_config("parscale_jax/configs/sweep.yaml", BASE), (16, 32), (1, 2), 2048)
+    for row, config in zip(rows, runs.values()):
+        assert int(row["non_embedding_params"]) == non_embedding_params(config.model)
+        assert (int(row["tokens"]), int(row["steps"])) == (2048, 8)
+        assert 3.0 < float(row["eval_loss"]) < 6.0  # trained a little from ln 320 = 5.77
+        assert json.loads((out / row["run"] / "result.json").read_text())["eval_loss"] == float(row["eval_loss"])
+    fit = json.loads((out / "fit.json").read_text())
+    assert set(fit) == {"E", "A", "k", "alpha", "r2"}
+    assert "== all: E = " in printed and "vs P = 1" in printed
+    assert (out / "results.law.png").stat().st_size > 1000
+
+    # Again: nothing is trained, except a run whose result was lost, which resumes from its checkpoint.
+    (out / "d32_p2" / "result.json").unlink()
+    trained = []
+    real_run_one = sweep.run_one
+    monkeypatch.setattr(sweep, "run_one", lambda name, *a, **k: trained.append(name) or real_run_one(name, *a, **k))
+    assert main([*SWEEP, "--out", str(out), *BASE]) == 0
+    assert trained == ["d32_p2"]
+    assert capsys.readouterr().out.count("finished already") == 3
+    again = list(csv.DictReader((out / "results.csv").open()))
+    assert again[3]["eval_loss"] == rows[3]["eval_loss"]  # the same checkpoint, evaluated again
+
+    # A different grid in the same directory would mix two sweeps: refused before any training.
+    assert main([*SWEEP[:-2], "4096", "--no-progress", "--out", str(out), *BASE]) == 2
+    err = capsys.readouterr().err
+    assert "run d16_p1" in err and "train.steps" in err and "new --out" in err
