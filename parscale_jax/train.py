@@ -7,6 +7,7 @@ parameters as a nested dict, turned back into the NNX model inside the loss with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -23,7 +24,16 @@ from tqdm import tqdm
 
 from parscale_jax import data
 from parscale_jax.checkpoint import Checkpointer, restore_params
-from parscale_jax.config import Config, ConfigError, TrainConfig, config_differences, read_yaml, to_dict
+from parscale_jax.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    config_differences,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
 from parscale_jax.counting import train_flops_per_token
 from parscale_jax.errors import CheckpointError, NonFiniteError
 from parscale_jax.logger import MetricsLogger
@@ -305,18 +315,24 @@ def check_saved_config(config: Config, run_dir: Path, override: bool) -> None:
     saved, checkpoints = run_dir / "config.yaml", checkpoint_dir(config, run_dir)
     if not saved.is_file() or not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
         return
-    differ = {key: change for key, change in config_differences(read_yaml(saved), to_dict(config)).items()
+    old_config = from_dict(read_yaml(saved))
+    differ = {key: change for key, change in config_differences(to_dict(old_config), to_dict(config)).items()
               if not key.startswith(FREE_TO_CHANGE)}
+    old_model = old_config.model
     if config.train.trainable == "parscale":  # each P of a PEFT run is its own stream set
         differ.pop("model.parscale_n", None)
+        old_model = dataclasses.replace(old_model, parscale_n=config.model.parscale_n)
     changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differ.items())
-    shape = [key for key in differ if key.startswith("model.")]
-    if shape:
-        raise ConfigError(shape[0], f"{run_dir} holds a model of another shape ({changes}); its checkpoints "
-                          "cannot take the new one: train in a new --run-dir")
+    if _param_shapes(old_model) != _param_shapes(config.model):
+        raise ConfigError(next(k for k in differ if k.startswith("model.")), f"{run_dir} holds a model of another "
+                          f"shape ({changes}); its checkpoints cannot take the new one: train in a new --run-dir")
     if differ and not override:
         raise ConfigError(next(iter(differ)), f"{run_dir} was started with other settings ({changes}); "
                           "pass --override-config to continue it with the new ones")
+
+
+def _param_shapes(cfg: ModelConfig) -> dict:
+    return jax.tree.map(lambda x: x.shape, abstract_params(cfg))
 
 
 def resume_state(config: Config, run_dir: Path, layout: Layout, checkpointer: Checkpointer, train_iter,

@@ -348,3 +348,8 @@ def test_layout_and_logging_settings_may_change_on_resume(finished, tmp_path):
     with pytest.raises(ConfigError, match=r"train.steps: .* \(train.steps 40 -> 42\)"):
         train_module.check_saved_config(config, run_dir, override=False)
     train_module.check_saved_config(load_config(None, [*TINY, "mesh.data=1", "checkpoint.every=1"]), run_dir, False)
+    # Settings of the model that leave its parameters' shapes alone are like any other setting.
+    remat = load_config(None, [*TINY, "model.remat=full", "model.parscale_attn_smooth=0.2"])
+    with pytest.raises(ConfigError, match=r"model.parscale_attn_smooth: .* pass --override-config"):
+        train_module.check_saved_config(remat, run_dir, override=False)
+    train_module.check_saved_config(remat, run_dir, override=True)
