@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -420,6 +421,7 @@ def _quiet_library_errors() -> None:
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
 
 
 def main(argv: list[str] | None = None) -> int:
