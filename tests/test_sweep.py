@@ -9,7 +9,7 @@ import pytest
 
 from parscale_jax import sweep
 from parscale_jax.cli import main
-from parscale_jax.config import ConfigError, load_config
+from parscale_jax.config import ConfigError, load_config, packaged_config_path
 from parscale_jax.counting import non_embedding_params
 
 BASE = ["model.hidden_size=32", "model.intermediate_size=88", "model.num_layers=1", "model.num_heads=4",
@@ -43,7 +43,7 @@ def test_sweep_trains_the_grid_fits_the_law_and_skips_finished_runs(tmp_path, ca
     printed = capsys.readouterr().out
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["hidden_size"], r["P"]) for r in rows] == [("16", "1"), ("16", "2"), ("32", "1"), ("32", "2")]
-    runs = sweep.grid(load_config("parscale_jax/configs/sweep.yaml", BASE), (16, 32), (1, 2), 2048)
+    runs = sweep.grid(load_config(packaged_config_path("sweep"), BASE), (16, 32), (1, 2), 2048)
     for row, config in zip(rows, runs.values()):
         assert int(row["non_embedding_params"]) == non_embedding_params(config.model)
         assert (int(row["tokens"]), int(row["steps"])) == (2048, 8)
