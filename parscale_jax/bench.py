@@ -49,8 +49,8 @@ def _decode_figures(cfg: ModelConfig, layout: Layout, batch: int, prompt_len: in
     full = Generator(graphdef, cfg, layout, batch, max_len, SamplingConfig(new_tokens))
     prefill_only = Generator(graphdef, cfg, layout, batch, max_len, SamplingConfig(1))
     full.run(params, prompts), prefill_only.run(params, prompts)  # compile both
-    t_full = _median_seconds(lambda: full.run(params, prompts)[1], repeats)
-    t_prefill = _median_seconds(lambda: prefill_only.run(params, prompts)[1], repeats)
+    t_full = _median_seconds(lambda: full.run(params, prompts), repeats)
+    t_prefill = _median_seconds(lambda: prefill_only.run(params, prompts), repeats)
     return {"latency_s": max(t_full - t_prefill, 0.0) / (new_tokens - 1),
             "memory_bytes": full.decode_memory_bytes(params)}
 

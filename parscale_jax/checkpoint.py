@@ -23,6 +23,15 @@ import orbax.checkpoint as ocp
 
 from parscale_jax.config import CheckpointConfig
 from parscale_jax.errors import CheckpointError
+from parscale_jax.files import write_atomic
+
+
+def complete_steps(directory: Path) -> list[int]:
+    """The steps saved completely in `directory`, read from the disk without opening a manager:
+    Orbax gives a step folder its bare number only once everything in it is written."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 class Checkpointer:
@@ -72,9 +81,7 @@ class Checkpointer:
         self._write_manifests()
 
     def _save_failed(self, step: int, err: Exception) -> CheckpointError:
-        # Folders named by a bare step number are complete: Orbax renames them so only when done.
-        done = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) != step]
-        previous = max(done, default=None)
+        previous = max([s for s in complete_steps(self.directory) if s != step], default=None)
         kept = "no earlier checkpoint exists" if previous is None else f"the checkpoint of step {previous} is intact"
         return CheckpointError(f"saving step {step} in {self.directory} failed ({_first_line(err)}); {kept}. "
                                "Free space or fix the cause, then run the same command to resume")
@@ -95,9 +102,7 @@ class Checkpointer:
                 continue
             step_dir = self.directory / str(step)
             sizes = {str(f.relative_to(step_dir)): f.stat().st_size for f in sorted(step_dir.rglob("*")) if f.is_file()}
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(sizes, indent=1))
-            tmp.replace(path)
+            write_atomic(path, json.dumps(sizes, indent=1))
         for stale in folder.glob("*.json"):
             if int(stale.stem) not in steps:
                 stale.unlink()
@@ -143,9 +148,6 @@ class Checkpointer:
         args = ocp.args.PyTreeRestore(item=abstract_part, partial_restore=True,
                                       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part))
         return self._read(step, ocp.args.Composite(state=args)).state
-
-    def restore_config(self, step: int) -> dict[str, Any]:
-        return self._read(step, ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def set_aside(self, step: int) -> Path:
         """Move a damaged step out of the way (never delete it) so training can go on from an earlier one."""

@@ -300,6 +300,10 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def _require_one_of(value: str, options: tuple[str, ...], key: str) -> None:
+    _require(value in options, key, f"must be one of {options}, got '{value}'{_closest(value, list(options))}")
+
+
 def validate_model(m: ModelConfig) -> ModelConfig:
     """Check the model's rules; return it with head_dim filled in."""
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -317,11 +321,9 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _require(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
     _require(m.rms_norm_eps > 0, "model.rms_norm_eps", f"must be > 0, got {m.rms_norm_eps}")
     _require(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}")
-    _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got '{m.dtype}'")
-    _require(m.param_dtype in DTYPES, "model.param_dtype",
-             f"must be one of {DTYPES}, got '{m.param_dtype}'")
-    _require(m.remat in REMAT_POLICIES, "model.remat",
-             f"must be one of {REMAT_POLICIES}, got '{m.remat}'{_closest(m.remat, list(REMAT_POLICIES))}")
+    _require_one_of(m.dtype, DTYPES, "model.dtype")
+    _require_one_of(m.param_dtype, DTYPES, "model.param_dtype")
+    _require_one_of(m.remat, REMAT_POLICIES, "model.remat")
     _require(m.parscale_n >= 1, "model.parscale_n", f"P must be >= 1, got {m.parscale_n}")
     _require(m.parscale_n_tokens >= 0, "model.parscale_n_tokens",
              f"T must be >= 0, got {m.parscale_n_tokens}")
@@ -397,8 +399,7 @@ def validate(config: Config) -> Config:
     _require(t.batch_size % t.grad_accum == 0, "train.grad_accum",
              f"{t.grad_accum} micro-batches do not divide train.batch_size={t.batch_size}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    _require(t.schedule in SCHEDULES, "train.schedule",
-             f"must be one of {SCHEDULES}, got '{t.schedule}'{_closest(t.schedule, list(SCHEDULES))}")
+    _require_one_of(t.schedule, SCHEDULES, "train.schedule")
     _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
              f"must lie in [0, train.steps={t.steps}], got {t.warmup_steps}")
     _require(0.0 <= t.decay_fraction <= 1.0, "train.decay_fraction",
@@ -407,12 +408,10 @@ def validate(config: Config) -> Config:
              f"must lie in [0, 1], got {t.min_lr_ratio}")
     for name in ("weight_decay", "grad_clip", "z_loss", "eval_every", "eval_batches"):
         _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
-    _require(t.trainable in TRAINABLE, "train.trainable",
-             f"must be one of {TRAINABLE}, got '{t.trainable}'{_closest(t.trainable, list(TRAINABLE))}")
+    _require_one_of(t.trainable, TRAINABLE, "train.trainable")
     _require(t.trainable != "parscale" or m.parscale_n > 1, "train.trainable",
              "'parscale' trains the prefixes and aggregator, which exist only with model.parscale_n > 1")
-    _require(t.on_nonfinite in ON_NONFINITE, "train.on_nonfinite",
-             f"must be one of {ON_NONFINITE}, got '{t.on_nonfinite}'{_closest(t.on_nonfinite, list(ON_NONFINITE))}")
+    _require_one_of(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
     _require(0.0 <= t.b1 < 1.0, "train.b1", f"must lie in [0, 1), got {t.b1}")
     _require(0.0 <= t.b2 < 1.0, "train.b2", f"must lie in [0, 1), got {t.b2}")
 

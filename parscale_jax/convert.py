@@ -10,7 +10,6 @@ Hugging Face checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,7 @@ ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_la
 def import_config(hf_dir: Path, overrides: list[str], base: dict[str, Any] | None = None) -> tuple[Config, ModelConfig]:
     """(the run's config, the checkpoint's model config): the checkpoint's shape under `base`
     (defaults for data and training), then the overrides, which may not change the shape."""
-    if not (hf_dir / "config.json").is_file():
-        raise ConfigError("--hf", f"{hf_dir} holds no config.json; is it a Hugging Face checkpoint?")
-    checkpoint = hf.config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    checkpoint = hf.read_hf_config(hf_dir)
     values = dict(base or {})
     values["model"] = {**values.get("model", {}), **dataclasses.asdict(checkpoint)}
     data = values["data"] = dict(values.get("data", {}))

@@ -5,6 +5,11 @@ from __future__ import annotations
 from parscale_jax.config import ModelConfig
 
 
+def prefix_slots(cfg: ModelConfig) -> int:
+    """Prefix tokens every stream's attention adds in each layer: T, none without streams."""
+    return cfg.parscale_n_tokens if cfg.parscale_n > 1 else 0
+
+
 def _layer_matmul_params(cfg: ModelConfig) -> int:
     D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     return D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
@@ -38,7 +43,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     Each stream pays for every layer's matmuls and for attention over its T prefix slots plus, on
     average, half the causal context; the aggregator and the LM head run once.
     """
-    P, D, T = cfg.parscale_n, cfg.hidden_size, cfg.parscale_n_tokens if cfg.parscale_n > 1 else 0
+    P, D, T = cfg.parscale_n, cfg.hidden_size, prefix_slots(cfg)
     attended_keys = T + (seq_len + 1) / 2
     attention = 2 * 2 * cfg.num_heads * cfg.head_dim * attended_keys  # scores and weighted sum
     per_stream = cfg.num_layers * (2 * _layer_matmul_params(cfg) + attention)

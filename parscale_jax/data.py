@@ -230,7 +230,8 @@ def _check_vocab(config: Config) -> None:
 # --- Pipelines ---
 
 
-def _take_rows(batch: Rows, rows: slice) -> Rows:
+def take_rows(batch: Rows, rows: slice) -> Rows:
+    """The rows of a batch that this process holds (`sharding.Layout.process_rows`)."""
     return {key: value[rows] for key, value in batch.items()}
 
 
@@ -249,7 +250,7 @@ def train_dataset(config: Config, rows: slice = slice(None)) -> grain.IterDatase
         .shuffle(seed=config.data.seed)
         .repeat()  # reseeds the shuffle in every epoch
         .batch(batch_size, drop_remainder=True)
-        .map(functools.partial(_take_rows, rows=rows))
+        .map(functools.partial(take_rows, rows=rows))
     )
     return dataset.to_iter_dataset(READ_OPTIONS)
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from parscale_jax.config import ConfigError, ModelConfig
+from parscale_jax.counting import prefix_slots
 from parscale_jax.sharding import Layout
 
 
@@ -60,10 +61,6 @@ def sample(logits_BV: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array
         cutoff_B1 = jnp.min(jnp.where(before_BV < s.top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
         logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
-
-
-def prefix_slots(cfg: ModelConfig) -> int:
-    return cfg.parscale_n_tokens if cfg.parscale_n > 1 else 0
 
 
 def init_cache(params: dict, cfg: ModelConfig, batch: int, max_len: int) -> dict:
@@ -120,9 +117,11 @@ class Generator:
                    + memory.temp_size_in_bytes)
 
     def run(self, params: dict, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int] = (),
-            on_tokens: Callable[[np.ndarray], None] | None = None) -> tuple[list[list[int]], np.ndarray]:
-        """(generated tokens per prompt, without the prompt and ending at a stop token if one came,
-        the last-position logits of every step `[steps, B, V]`). `on_tokens` gets each step's tokens."""
+            on_tokens: Callable[[np.ndarray], None] | None = None,
+            keep_logits: bool = False) -> tuple[list[list[int]], np.ndarray | None]:
+        """(generated tokens per prompt, without the prompt and ending at a stop token if one came;
+        with `keep_logits`, the last-position logits of every step `[steps, B, V]`, else None: only
+        the tokens come to the host each step). `on_tokens` gets each step's tokens."""
         B, T, budget = len(prompts), prefix_slots(self.cfg), self.max_len
         if B != self.batch:
             raise ValueError(f"this generator was built for {self.batch} prompts, got {B}")
@@ -155,7 +154,8 @@ class Generator:
         for step in range(new_tokens):
             token = np.asarray(token_B)
             steps.append(token)
-            logits.append(np.asarray(logits_BV))
+            if keep_logits:
+                logits.append(np.asarray(logits_BV))
             if on_tokens is not None:
                 on_tokens(np.where(done_B, -1, token))
             done_B |= np.isin(token, stop)
@@ -170,4 +170,4 @@ class Generator:
         for row in generated.tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             results.append(row[:cut])
-        return results, np.stack(logits)
+        return results, np.stack(logits) if keep_logits else None

@@ -73,7 +73,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return validate_model(model)
 
 
-def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None, bos_id: int | None) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict[str, Any]:
     """`config.json` for our model: qwen2_parscale when P > 1, else plain Qwen2 or Llama."""
     hf: dict[str, Any] = {
         "vocab_size": cfg.vocab_size,
@@ -91,7 +91,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None, bos_id: int |
         "attention_dropout": 0.0,
         "initializer_range": cfg.init_std,
         "use_cache": True,
-        "bos_token_id": bos_id,
+        "bos_token_id": None,  # neither our byte tokenizer nor our packing uses one
         "eos_token_id": eos_id,
         "torch_dtype": dtype,
     }
@@ -225,13 +225,18 @@ def hf_tensor_sources(params: dict[str, Any], cfg: ModelConfig) -> list[TensorSo
 # Reading
 
 
+def read_hf_config(directory: Path) -> ModelConfig:
+    """The model config of a local Hugging Face checkpoint's `config.json`."""
+    if not (directory / "config.json").is_file():
+        raise ConfigError("--hf", f"{directory} holds no config.json; is it a Hugging Face checkpoint?")
+    return config_from_hf(json.loads((directory / "config.json").read_text()))
+
+
 def read_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Config and pure parameter dict (numpy, the file's dtype) of a local safetensors checkpoint,
     one file or sharded with a `model.safetensors.index.json`."""
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise ConfigError("--hf", f"{directory} holds no config.json; is it a Hugging Face checkpoint?")
-    cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
+    cfg = read_hf_config(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -290,27 +295,26 @@ def byte_tokenizer_json() -> str:
 BYTE_EOS = "<|endoftext|>"
 
 
-def _tokenizer_files(tokenizer: str, max_length: int) -> tuple[dict[str, str], int | None, int | None]:
-    """(file name → text, eos id, bos id) of the tokenizer to ship: ours, or the user's as is."""
-    if tokenizer == "byte":
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": BYTE_EOS, "pad_token": BYTE_EOS,
-                  "model_max_length": max_length, "clean_up_tokenization_spaces": False}
-        return {"tokenizer.json": byte_tokenizer_json(),
-                "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}, 256, None
-    from parscale_jax.data import HFTokenizer
+def _tokenizer_files(tokenizer: str, max_length: int) -> tuple[dict[str, str], int | None]:
+    """(file name → text, eos id) of the tokenizer to ship: ours, or the user's as is."""
+    from parscale_jax.data import ByteTokenizer, HFTokenizer
 
+    def tokenizer_config(eos_token: str | None) -> str:
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": eos_token,
+                  "model_max_length": max_length, "clean_up_tokenization_spaces": False}
+        return json.dumps(config, indent=2) + "\n"
+
+    if tokenizer == "byte":
+        return {"tokenizer.json": byte_tokenizer_json(), "tokenizer_config.json": tokenizer_config(BYTE_EOS)}, \
+            ByteTokenizer.eos_id
     source = Path(tokenizer)
     files = {"tokenizer.json": source.read_text(encoding="utf-8")}
     for companion in ("tokenizer_config.json", "special_tokens_map.json"):
         if (source.parent / companion).is_file():
             files[companion] = (source.parent / companion).read_text(encoding="utf-8")
     loaded = HFTokenizer(str(source))
-    if "tokenizer_config.json" not in files:
-        eos = loaded.eos_token
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos,
-                  "model_max_length": max_length, "clean_up_tokenization_spaces": False}
-        files["tokenizer_config.json"] = json.dumps(config, indent=2) + "\n"
-    return files, loaded.eos_id, None
+    files.setdefault("tokenizer_config.json", tokenizer_config(loaded.eos_token))
+    return files, loaded.eos_id
 
 
 def _plan_shards(sources: list[TensorSource], itemsize: int, max_shard_bytes: int) -> list[list[TensorSource]]:
@@ -347,11 +351,11 @@ def write_hf_checkpoint(out_dir: str | Path, params: dict[str, Any], cfg: ModelC
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tokenizer_files, eos_id, bos_id = _tokenizer_files(tokenizer, cfg.max_position_embeddings)
+        tokenizer_files, eos_id = _tokenizer_files(tokenizer, cfg.max_position_embeddings)
         for name, text in tokenizer_files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype, eos_id, bos_id), indent=2) + "\n")
-        generation = {"eos_token_id": eos_id, "pad_token_id": eos_id, "bos_token_id": bos_id}
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype, eos_id), indent=2) + "\n")
+        generation = {"eos_token_id": eos_id, "pad_token_id": eos_id, "bos_token_id": None}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if cfg.parscale_n > 1:
             code = importlib.resources.files("parscale_jax") / "hf_remote"

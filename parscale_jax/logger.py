@@ -8,6 +8,8 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
+from parscale_jax.files import write_atomic
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int = 0):
@@ -23,9 +25,7 @@ class MetricsLogger:
         if not self.jsonl_path.exists():
             return
         kept = [line for line in self.jsonl_path.read_text().splitlines() if _step_of(line) <= step]
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.jsonl_path)
+        write_atomic(self.jsonl_path, "".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:

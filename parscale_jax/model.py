@@ -93,12 +93,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BSD, cos_BSH, sin_BSH, mask_BSS, prefix_k_KTH=None, prefix_v_KTH=None):
         B, S, _ = x_BSD.shape
-        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BSNH = checkpoint_name(self.q_proj(x_BSD), "query_proj").reshape(B, S, N, H)
-        k_BSKH = checkpoint_name(self.k_proj(x_BSD), "key_proj").reshape(B, S, K, H)
-        v_BSKH = checkpoint_name(self.v_proj(x_BSD), "value_proj").reshape(B, S, K, H)
-        q_BSNH = apply_rope(q_BSNH, cos_BSH, sin_BSH)
-        k_BSKH = apply_rope(k_BSKH, cos_BSH, sin_BSH)
+        K, H = self.num_kv_heads, self.head_dim
+        q_BSNH, k_BSKH, v_BSKH = self._qkv(x_BSD, cos_BSH, sin_BSH)
 
         if prefix_k_KTH is not None:
             # The prefix is not rotated and every query sees all of it.
@@ -118,15 +114,20 @@ class Attention(nnx.Module):
         keys/values are written at slots [index, index + S). `visible_BSC` says which slots each new
         query may see. Returns (output, updated cache_k, updated cache_v).
         """
-        B, S, _ = x_BSD.shape
-        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BSNH = apply_rope(self.q_proj(x_BSD).reshape(B, S, N, H), cos_BSH, sin_BSH)
-        k_BSKH = apply_rope(self.k_proj(x_BSD).reshape(B, S, K, H), cos_BSH, sin_BSH)
-        v_BSKH = self.v_proj(x_BSD).reshape(B, S, K, H)
+        q_BSNH, k_BSKH, v_BSKH = self._qkv(x_BSD, cos_BSH, sin_BSH)
         cache_k_BCKH = jax.lax.dynamic_update_slice(cache_k_BCKH, k_BSKH.astype(cache_k_BCKH.dtype), (0, index, 0, 0))
         cache_v_BCKH = jax.lax.dynamic_update_slice(cache_v_BCKH, v_BSKH.astype(cache_v_BCKH.dtype), (0, index, 0, 0))
         out = self._attend(q_BSNH, cache_k_BCKH.astype(self.dtype), cache_v_BCKH.astype(self.dtype), visible_BSC)
         return out, cache_k_BCKH, cache_v_BCKH
+
+    def _qkv(self, x_BSD, cos_BSH, sin_BSH):
+        """Queries, keys (both rotated) and values of the tokens; named for the remat policies."""
+        B, S, _ = x_BSD.shape
+        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BSNH = checkpoint_name(self.q_proj(x_BSD), "query_proj").reshape(B, S, N, H)
+        k_BSKH = checkpoint_name(self.k_proj(x_BSD), "key_proj").reshape(B, S, K, H)
+        v_BSKH = checkpoint_name(self.v_proj(x_BSD), "value_proj").reshape(B, S, K, H)
+        return apply_rope(q_BSNH, cos_BSH, sin_BSH), apply_rope(k_BSKH, cos_BSH, sin_BSH), v_BSKH
 
     def _attend(self, q_BSNH, k_BTKH, v_BTKH, mask_BST):
         # Scores and softmax in float32. A query with no visible key (padding, P = 1) gets a uniform
@@ -275,16 +276,11 @@ class ParScaleLM(nnx.Module):
                 layer, x_BSD, (shared_state, prefix_state, cache_k_LBCKH, cache_v_LBCKH))
             return self.norm(h_BSD), cache_k, cache_v
 
-        if cfg.parscale_n == 1:
-            h_BSD, cache_k, cache_v = one_stream(shared_state, prefix_state, cache["k"][:, 0], cache["v"][:, 0])
-            h_PBSD, cache = h_BSD[None], {"k": cache_k[:, None], "v": cache_v[:, None]}
-        else:
-            h_PBSD, cache_k, cache_v = jax.vmap(one_stream, in_axes=(None, 1, 1, 1), out_axes=(0, 1, 1),
-                                                spmd_axis_name="stream")(
-                shared_state, prefix_state, cache["k"], cache["v"])
-            cache = {"k": cache_k, "v": cache_v}
+        # The cache always has a stream axis (of 1 when P = 1), so one vmap serves every P.
+        h_PBSD, cache_k, cache_v = jax.vmap(one_stream, in_axes=(None, 1, 1, 1), out_axes=(0, 1, 1),
+                                            spmd_axis_name="stream")(shared_state, prefix_state, cache["k"], cache["v"])
         h_BSD, _ = self.aggregate(h_PBSD)
-        return self.lm_logits(h_BSD), cache
+        return self.lm_logits(h_BSD), {"k": cache_k, "v": cache_v}
 
     def aggregate(self, h_PBSD) -> tuple[jax.Array, jax.Array]:
         """Input-dependent softmax mix of the streams: `(h_BSD, weights_BSP)`, in float32 inside."""

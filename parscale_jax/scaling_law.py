@@ -33,8 +33,7 @@ class Law:
 
     def loss(self, N, P):
         """Predicted loss of an N-parameter model with P streams."""
-        N, P = np.asarray(N, float), np.asarray(P, float)
-        return (self.A / (N * (self.k * np.log(P) + 1))) ** self.alpha + self.E
+        return (self.A / self.dense_equivalent(N, P)) ** self.alpha + self.E
 
     def dense_equivalent(self, N, P):
         """Parameters a P = 1 model needs to reach the loss of N parameters with P streams."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
 from typing import Any
 
-from parscale_jax.config import Config, ConfigError, ModelConfig, config_differences, read_yaml, to_dict, validate
+from parscale_jax.config import Config, ConfigError, ModelConfig, validate
 from parscale_jax.counting import non_embedding_params, total_params
+from parscale_jax.files import write_atomic
 
 RESULT = "result.json"
 COLUMNS = ("run", "hidden_size", "P", "non_embedding_params", "total_params", "tokens", "steps",
@@ -52,20 +54,14 @@ def grid(base: Config, widths: tuple[int, ...], streams: tuple[int, ...], tokens
             for width in widths for p in streams}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def check_run_dir(name: str, config: Config, run_dir: Path) -> None:
     """A run directory left by an earlier sweep must hold the same run; else resuming would mix two."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        differ = config_differences(read_yaml(saved), to_dict(config))
-        if differ:
-            raise ConfigError("--out", f"run {name} in {run_dir} was trained with other settings "
-                              f"({', '.join(differ)}); sweep into a new --out")
+    from parscale_jax.train import saved_config_changes
+
+    differ, _ = saved_config_changes(config, run_dir)
+    if differ:
+        raise ConfigError("--out", f"run {name} in {run_dir} was trained with other settings "
+                          f"({', '.join(differ)}); sweep into a new --out")
 
 
 def run_one(name: str, config: Config, run_dir: Path, progress: bool) -> dict[str, Any]:
@@ -83,7 +79,7 @@ def run_one(name: str, config: Config, run_dir: Path, progress: bool) -> dict[st
            "train_loss": last.get("loss"), "eval_loss": evaluation["loss"],
            "eval_tokens": evaluation["target_tokens"], "tokens_per_s": last.get("tokens_per_s")}
     if jax.process_index() == 0:
-        _write_atomic(run_dir / RESULT, json.dumps(row, indent=2) + "\n")
+        write_atomic(run_dir / RESULT, json.dumps(row, indent=2) + "\n")
     return row
 
 
@@ -98,20 +94,19 @@ def run_sweep(runs: dict[str, Config], out: Path, progress: bool = True) -> list
     for index, (name, config) in enumerate(runs.items(), 1):
         result = out / name / RESULT
         if result.is_file():
-            print(f"[{index}/{len(runs)}] {name}: finished already, eval loss "
-                  f"{json.loads(result.read_text())['eval_loss']:.4f}", flush=True)
             rows.append(json.loads(result.read_text()))
+            print(f"[{index}/{len(runs)}] {name}: finished already, eval loss {rows[-1]['eval_loss']:.4f}", flush=True)
             continue
         print(f"[{index}/{len(runs)}] {name}: N = {non_embedding_params(config.model):,} non-embedding "
               f"parameters, {config.train.steps} steps", flush=True)
         rows.append(run_one(name, config, out / name, progress))
         print(f"[{index}/{len(runs)}] {name}: eval loss {rows[-1]['eval_loss']:.4f}", flush=True)
     if jax.process_index() == 0:
-        with (out / "results.csv.tmp").open("w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        (out / "results.csv.tmp").replace(out / "results.csv")
+        table = io.StringIO()
+        writer = csv.DictWriter(table, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(out / "results.csv", table.getvalue())
     return rows
 
 

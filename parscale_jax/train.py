@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from parscale_jax import data
-from parscale_jax.checkpoint import Checkpointer, restore_params
+from parscale_jax.checkpoint import Checkpointer, complete_steps, restore_params
 from parscale_jax.config import (
     Config,
     ConfigError,
@@ -36,6 +36,7 @@ from parscale_jax.config import (
 )
 from parscale_jax.counting import train_flops_per_token
 from parscale_jax.errors import CheckpointError, NonFiniteError
+from parscale_jax.files import write_atomic
 from parscale_jax.logger import MetricsLogger
 from parscale_jax.model import abstract_params, init_params, merge_params, model_graphdef, split_params
 from parscale_jax.preemption import StopRequests
@@ -287,8 +288,7 @@ def placed_eval_batches(config: Config, layout: Layout, rows: data.Rows | None =
     batch_size = config.train.batch_size
     mine = layout.process_rows(batch_size)
     batches = data.eval_batches(config, rows, limit)  # a bad corpus fails here, not mid-loop
-    return (layout.put_batch({key: value[mine] for key, value in batch.items()}, batch_size)
-            for batch in batches)
+    return (layout.put_batch(data.take_rows(batch, mine), batch_size) for batch in batches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,22 +299,21 @@ def save_run_config(config: Config, run_dir: Path) -> None:
     if jax.process_index() != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(run_dir / "config.yaml")
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # Where the run is laid out, saved and reported: a resumed run computes the same either way.
 FREE_TO_CHANGE = ("mesh.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches")
 
 
-def check_saved_config(config: Config, run_dir: Path, override: bool) -> None:
-    """Resuming under other settings than a run was started with needs `override`; the model's
-    shape can never change (its checkpoints would not fit). Before the first checkpoint (e.g. just
-    after `parscale-jax import`) the saved config is only a starting point."""
-    saved, checkpoints = run_dir / "config.yaml", checkpoint_dir(config, run_dir)
-    if not saved.is_file() or not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-        return
+def saved_config_changes(config: Config, run_dir: Path) -> tuple[dict[str, tuple[Any, Any]], bool]:
+    """({dotted key: (old, new)} where `config` differs in what the run computes from the config the
+    run in `run_dir` started with, whether the parameters' shapes differ too). Nothing differs
+    before the run's first checkpoint: until then (e.g. just after `parscale-jax import`) the saved
+    config is only a starting point."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not complete_steps(checkpoint_dir(config, run_dir)):
+        return {}, False
     old_config = from_dict(read_yaml(saved))
     differ = {key: change for key, change in config_differences(to_dict(old_config), to_dict(config)).items()
               if not key.startswith(FREE_TO_CHANGE)}
@@ -322,8 +321,16 @@ def check_saved_config(config: Config, run_dir: Path, override: bool) -> None:
     if config.train.trainable == "parscale":  # each P of a PEFT run is its own stream set
         differ.pop("model.parscale_n", None)
         old_model = dataclasses.replace(old_model, parscale_n=config.model.parscale_n)
+    model_changed = any(key.startswith("model.") for key in differ)
+    return differ, model_changed and _param_shapes(old_model) != _param_shapes(config.model)
+
+
+def check_saved_config(config: Config, run_dir: Path, override: bool) -> None:
+    """Resuming under other settings than a run was started with needs `override`; the model's
+    shape can never change (its checkpoints would not fit)."""
+    differ, reshaped = saved_config_changes(config, run_dir)
     changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differ.items())
-    if _param_shapes(old_model) != _param_shapes(config.model):
+    if reshaped:
         raise ConfigError(next(k for k in differ if k.startswith("model.")), f"{run_dir} holds a model of another "
                           f"shape ({changes}); its checkpoints cannot take the new one: train in a new --run-dir")
     if differ and not override:
@@ -399,7 +406,8 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
         window_start, window_tokens = time.perf_counter(), 0
         end = min(stop_at or t.steps, t.steps)
         for step in range(start + 1, end + 1):
-            position = train_iter.get_state()  # where a stop on a non-finite step rewinds the data to
+            # Where a stop on a non-finite step rewinds the data to.
+            position = train_iter.get_state() if t.on_nonfinite == "stop" else None
             state, metrics = train_step(state, frozen, layout.put_batch(next(train_iter), t.batch_size))
             window_tokens += t.batch_size * config.data.seq_len
             bar.update(1)

@@ -109,7 +109,7 @@ def generation(config) -> dict[str, np.ndarray]:
         shardings = layout.param_shardings(abstract_params(config.model))
         params = jax.jit(lambda: init_params(config.model, 7), out_shardings=shardings)()
         generator = Generator(model_graphdef(config.model), config.model, layout, 2, 16, SamplingConfig(8))
-        tokens, logits = generator.run(params, GENERATION_PROMPTS)
+        tokens, logits = generator.run(params, GENERATION_PROMPTS, keep_logits=True)
     return {"tokens": np.asarray(tokens), "logits": logits}
 
 

@@ -29,7 +29,7 @@ def official(P):
 def generate(cfg, params, prompts, max_len=32, **sampling):
     with jax.set_mesh(LAYOUT.mesh):
         generator = Generator(model_graphdef(cfg), cfg, LAYOUT, len(prompts), max_len, SamplingConfig(**sampling))
-        return generator.run(params, prompts)
+        return generator.run(params, prompts, keep_logits=True)
 
 
 @pytest.mark.parametrize("P", [1, 2, 4])
@@ -61,7 +61,7 @@ def test_generation_stops_at_a_stop_token():
     stop = free[2]
     with jax.set_mesh(LAYOUT.mesh):
         generator = Generator(model_graphdef(cfg), cfg, LAYOUT, 1, 32, SamplingConfig(10))
-        (stopped,), logits = generator.run(params, [prompt], stop_ids=[stop])
+        (stopped,), logits = generator.run(params, [prompt], stop_ids=[stop], keep_logits=True)
     assert stopped == free[: free.index(stop) + 1] and len(logits) == len(stopped)
 
 
