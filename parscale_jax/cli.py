@@ -9,6 +9,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from parscale_jax.config import Config, ConfigError, load_config, packaged_config_path, read_yaml
@@ -417,11 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_library_errors() -> None:
     """Orbax and TensorStore report a failed background write (a full disk) with tracebacks from their
-    threads; the error that reaches us says the same in one line, so theirs show only with --debug."""
+    threads, and the writes it abandoned as never-awaited coroutines when the interpreter exits; the
+    error that reaches us says the same in one line, so theirs show only with --debug."""
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     sys.unraisablehook = lambda unraisable: None
     threading.excepthook = lambda args: None
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,6 +270,31 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(reference, tmp_
     assert logged(run_dir) == reference
 
 
+ABANDONED_WORK = """
+import asyncio, sys, threading
+from parscale_jax import cli
+if sys.argv[1] == "quiet":
+    cli._quiet_library_errors()
+async def write_fragment():
+    pass
+abandoned = write_fragment()  # collected at exit, never awaited, as a failed Orbax save leaves its writes
+thread = threading.Thread(target=lambda: 1 / 0)
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "debug"])
+def test_what_a_failed_save_leaves_behind_is_silent_without_debug(mode):
+    """The full-disk error must stay one line however the interpreter's exit collects the leftovers."""
+    err = subprocess.run([sys.executable, "-c", ABANDONED_WORK, mode], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120).stderr
+    if mode == "quiet":
+        assert err == ""
+    else:
+        assert "ZeroDivisionError" in err and "was never awaited" in err
+
+
 # --- Non-finite loss or gradients ---------------------------------------------------------------
 
 
