@@ -252,6 +252,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from parscale_jax import scaling_law, sweep
     from parscale_jax.config import resolve_mesh
+    from parscale_jax.files import write_atomic
 
     runs = sweep.grid(base, args.sizes, args.parscale, args.tokens)  # every config checked before training
     for config in runs.values():
@@ -266,7 +267,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     fits = _fit_and_plot(scaling_law.read_results(str(out / "results.csv"), None), str(out / "results.law.png"))
     law = fits["all"][0].law
-    (out / "fit.json").write_text(json.dumps({**dataclasses.asdict(law), "r2": fits["all"][0].r2}, indent=2) + "\n")
+    write_atomic(out / "fit.json", json.dumps({**dataclasses.asdict(law), "r2": fits["all"][0].r2}, indent=2) + "\n")
     print(f"results: {out / 'results.csv'}\nfit:     {out / 'fit.json'}")
     return 0
 

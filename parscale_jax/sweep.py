@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from parscale_jax.config import Config, ConfigError, ModelConfig, validate
 from parscale_jax.counting import non_embedding_params, total_params
 from parscale_jax.files import write_atomic
@@ -110,13 +112,25 @@ def run_sweep(runs: dict[str, Config], out: Path, progress: bool = True) -> list
     return rows
 
 
+def dense_loss_at(n: float, dense: dict[int, float]) -> float | None:
+    """The loss of a P = 1 run with `n` parameters, interpolated linearly in log N between the
+    P = 1 runs (`dense`: N -> loss) on either side; None outside them, where only the law can say."""
+    sizes = sorted(dense)
+    if not sizes or not sizes[0] <= n <= sizes[-1]:
+        return None
+    return float(np.interp(np.log(n), np.log(sizes), [dense[size] for size in sizes]))
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Each run's loss next to the P = 1 run of its width: does P > 1 beat P = 1 at equal width?"""
-    dense = {row["hidden_size"]: row["eval_loss"] for row in rows if row["P"] == 1}
-    lines = ["width   P  non-emb. N   eval loss   vs P = 1"]
+    """Each run's loss against P = 1: at the same width, and at the same N (interpolated between
+    the P = 1 runs), since the streams' own parameters count in N."""
+    by_width = {row["hidden_size"]: row["eval_loss"] for row in rows if row["P"] == 1}
+    by_size = {row["non_embedding_params"]: row["eval_loss"] for row in rows if row["P"] == 1}
+    lines = ["width   P  non-emb. N   eval loss   vs P = 1: same width   same N"]
     for row in sorted(rows, key=lambda r: (r["hidden_size"], r["P"])):
-        delta = row["eval_loss"] - dense[row["hidden_size"]] if row["hidden_size"] in dense else None
-        shown = "" if delta is None or row["P"] == 1 else f"{delta:+.4f}"
+        same_width = by_width.get(row["hidden_size"]) if row["P"] > 1 else None
+        same_size = dense_loss_at(row["non_embedding_params"], by_size) if row["P"] > 1 else None
+        shown = [f"{row['eval_loss'] - ref:+.4f}" if ref is not None else "" for ref in (same_width, same_size)]
         lines.append(f"{row['hidden_size']:5d}  {row['P']:2d}  {row['non_embedding_params']:10,d}   "
-                     f"{row['eval_loss']:9.4f}   {shown}")
+                     f"{row['eval_loss']:9.4f}   {shown[0]:>20}   {shown[1]:>6}".rstrip())
     return "\n".join(lines)

@@ -7,6 +7,9 @@ import tempfile
 # Before JAX starts: tests run on the CPU even where libtpu or a GPU is installed (subprocesses
 # inherit this), and TPU plans load libtpu on demand.
 os.environ["JAX_PLATFORMS"] = "cpu"
+# OpenBLAS (numpy, scipy) spins a second thread after each call, even on the tiny vectors of the
+# scaling-law fit: it only takes a core from the other test worker.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -46,7 +46,11 @@ def test_fit_law_command(tmp_path, capsys):
     plot = tmp_path / "law.png"
     assert main(["fit-law", str(LOSSES), "--group", "corpus", "--predict", "1.6e9", "8", "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
-    assert "== stack-v2-python: E = 0.6912" in out and "== pile: E = 1.2888" in out
+    for corpus, expected in PUBLISHED.items():
+        (header,) = [line for line in out.splitlines() if line.startswith(f"== {corpus}: ")]
+        printed = dict(item.split(" = ") for item in header.split(": ", 1)[1].split(" (")[0].split(", "))
+        for name, key in (("E", "E"), ("A", "A"), ("k", "k"), ("alpha", "alpha"), ("R^2", "r2")):
+            assert float(printed[name]) == pytest.approx(expected[key], rel=1e-3), (corpus, name)
     assert "P = 8 is worth N x 1.818" in out  # 0.3935 ln 8 + 1
     assert out.count("predicted loss at N = 1.6e+09, P = 8") == 2
     assert plot.stat().st_size > 1000

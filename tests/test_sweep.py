@@ -37,6 +37,18 @@ def test_every_run_trains_on_the_same_tokens():
         sweep.grid(load_config(None, BASE), (16,), (1,), tokens=100)
 
 
+def test_the_table_compares_with_p1_at_equal_width_and_at_equal_n():
+    rows = [{"hidden_size": w, "P": p, "non_embedding_params": n, "eval_loss": loss}
+            for w, p, n, loss in [(32, 1, 1000, 3.0), (32, 2, 2000, 2.9), (64, 1, 4000, 2.5), (64, 2, 8000, 2.3)]]
+    # N = 2000 lies halfway between 1000 and 4000 in log N: the P = 1 loss there is 2.75.
+    assert sweep.dense_loss_at(2000, {1000: 3.0, 4000: 2.5}) == pytest.approx(2.75)
+    assert sweep.dense_loss_at(8000, {1000: 3.0, 4000: 2.5}) is None  # beyond the P = 1 runs
+    lines = sweep.format_table(rows).splitlines()
+    assert lines[2].split()[-2:] == ["-0.1000", "+0.1500"]  # better than its width, worse than its N
+    assert lines[4].split()[-1] == "-0.2000"  # nothing to compare at equal N
+    assert len(lines[1].split()) == 4  # P = 1 rows compare with nothing
+
+
 def test_sweep_trains_the_grid_fits_the_law_and_skips_finished_runs(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     assert main([*SWEEP, "--out", str(out), *BASE]) == 0
@@ -51,7 +63,7 @@ def test_sweep_trains_the_grid_fits_the_law_and_skips_finished_runs(tmp_path, ca
         assert json.loads((out / row["run"] / "result.json").read_text())["eval_loss"] == float(row["eval_loss"])
     fit = json.loads((out / "fit.json").read_text())
     assert set(fit) == {"E", "A", "k", "alpha", "r2"}
-    assert "== all: E = " in printed and "vs P = 1" in printed
+    assert "== all: E = " in printed and "vs P = 1: same width   same N" in printed
     assert (out / "results.law.png").stat().st_size > 1000
 
     # Again: nothing is trained, except a run whose result was lost, which resumes from its checkpoint.
