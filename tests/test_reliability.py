@@ -203,7 +203,7 @@ def test_each_truncated_or_deleted_file_is_named(finished, tmp_path):
     shutil.copytree(finished, run_dir)
     checkpoints = run_dir / "checkpoints"
     files = sorted(p for p in (checkpoints / "40").rglob("*") if p.is_file())
-    assert len(files) >= 20  # README: 22 to 25, as TensorStore splits the arrays
+    assert len(files) > 13  # 13 of metadata, the rest array data: 22 to 25 in all, as TensorStore splits them
     for index, path in enumerate(files):
         original = path.read_bytes()
         if index % 2:
