@@ -266,8 +266,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print("fit skipped: the law needs at least two widths and two values of P")
         return 0
     fits = _fit_and_plot(scaling_law.read_results(str(out / "results.csv"), None), str(out / "results.law.png"))
-    law = fits["all"][0].law
-    write_atomic(out / "fit.json", json.dumps({**dataclasses.asdict(law), "r2": fits["all"][0].r2}, indent=2) + "\n")
+    fit = fits["all"][0]
+    write_atomic(out / "fit.json", json.dumps({**dataclasses.asdict(fit.law), "r2": fit.r2}, indent=2) + "\n")
     print(f"results: {out / 'results.csv'}\nfit:     {out / 'fit.json'}")
     return 0
 

@@ -128,9 +128,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     by_size = {row["non_embedding_params"]: row["eval_loss"] for row in rows if row["P"] == 1}
     lines = ["width   P  non-emb. N   eval loss   vs P = 1: same width   same N"]
     for row in sorted(rows, key=lambda r: (r["hidden_size"], r["P"])):
-        same_width = by_width.get(row["hidden_size"]) if row["P"] > 1 else None
-        same_size = dense_loss_at(row["non_embedding_params"], by_size) if row["P"] > 1 else None
-        shown = [f"{row['eval_loss'] - ref:+.4f}" if ref is not None else "" for ref in (same_width, same_size)]
+        references = ((by_width.get(row["hidden_size"]), dense_loss_at(row["non_embedding_params"], by_size))
+                      if row["P"] > 1 else (None, None))
+        shown = [f"{row['eval_loss'] - ref:+.4f}" if ref is not None else "" for ref in references]
         lines.append(f"{row['hidden_size']:5d}  {row['P']:2d}  {row['non_embedding_params']:10,d}   "
                      f"{row['eval_loss']:9.4f}   {shown[0]:>20}   {shown[1]:>6}".rstrip())
     return "\n".join(lines)
