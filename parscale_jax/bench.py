@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from parscale_jax import plotting
-from parscale_jax.config import Config, ModelConfig, validate_model
+from parscale_jax.config import Config, ModelConfig, SamplingConfig
 from parscale_jax.counting import non_embedding_params, train_flops_per_token
-from parscale_jax.generate import Generator, SamplingConfig
+from parscale_jax.generate import Generator
+from parscale_jax.layout import Layout
 from parscale_jax.model import init_params, model_graphdef
-from parscale_jax.sharding import Layout
 
 STACK_V2_K = 0.3935  # k of the published Stack-V2-Python fit (SPEC §4)
 
@@ -39,9 +39,14 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(times))
 
 
-def _decode_figures(cfg: ModelConfig, layout: Layout, batch: int, prompt_len: int, new_tokens: int,
+def _one_device(config: Config) -> Layout:
+    return Layout.create(config, jax.devices()[:1])
+
+
+def _decode_figures(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
                     repeats: int) -> dict[str, float]:
-    """Per-token decode latency (s) and decode-step memory (bytes) of `cfg` at `batch`."""
+    """Per-token decode latency (s) and decode-step memory (bytes) of `cfg` at `batch`, on one device."""
+    layout = _one_device(Config(model=cfg))
     graphdef = model_graphdef(cfg)
     params = jax.jit(lambda: init_params(cfg, 0))()
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
@@ -58,16 +63,16 @@ def _decode_figures(cfg: ModelConfig, layout: Layout, batch: int, prompt_len: in
 def decode_cost(model: ModelConfig, streams=(1, 2, 4, 8), batches=(1, 2, 4, 8), prompt_len: int = 64,
                 new_tokens: int = 32, repeats: int = 3) -> list[dict[str, Any]]:
     """Per-token decode latency and memory for every P x batch, with ratios to P = 1 at the same batch."""
-    layout = Layout.create(Config(model=model), jax.devices()[:1])
     rows = []
     for batch in batches:
         base = None
         for P in streams:
-            cfg = validate_model(dataclasses.replace(model, parscale_n=P))
-            figures = _decode_figures(cfg, layout, batch, prompt_len, new_tokens, repeats)
+            cfg = dataclasses.replace(model, parscale_n=P)
+            figures = _decode_figures(cfg, batch, prompt_len, new_tokens, repeats)
             base = base or figures
             rows.append({"P": P, "batch": batch, **figures,
-                         "latency_ratio": figures["latency_s"] / base["latency_s"],
+                         # A latency too small to tell from timing noise has no ratio.
+                         "latency_ratio": 1.0 if figures is base else _ratio(figures["latency_s"], base["latency_s"]),
                          "memory_ratio": figures["memory_bytes"] / base["memory_bytes"]})
     return rows
 
@@ -81,8 +86,8 @@ def dense_equivalent(base: ModelConfig, P: int, k: float = STACK_V2_K) -> ModelC
     for head_dim in range(base.head_dim + 2, 8 * base.head_dim + 1, 2):  # wider, and even for RoPE
         hidden = base.num_heads * head_dim
         mlp = 8 * max(1, round(base.intermediate_size * hidden / base.hidden_size / 8))
-        candidate = validate_model(dataclasses.replace(base, parscale_n=1, hidden_size=hidden,
-                                                       intermediate_size=mlp, head_dim=head_dim))
+        candidate = dataclasses.replace(base, parscale_n=1, hidden_size=hidden, intermediate_size=mlp,
+                                        head_dim=head_dim)
         error = abs(non_embedding_params(candidate) - target)
         if best is None or error < best[0]:
             best = (error, candidate)
@@ -95,16 +100,15 @@ def equal_loss(base: ModelConfig, streams=(2, 4, 8), batches=(1, 2, 4, 8), promp
                new_tokens: int = 32, repeats: int = 3, k: float = STACK_V2_K) -> list[dict[str, Any]]:
     """ParScale against parameter scaling at equal predicted loss: how much memory and latency each
     adds over the P = 1 base, and the ratio of the two increases (the paper's 22x and 6x at 1.6B, P = 8)."""
-    layout = Layout.create(Config(model=base), jax.devices()[:1])
-    base = validate_model(dataclasses.replace(base, parscale_n=1))
+    base = dataclasses.replace(base, parscale_n=1)
     rows = []
     for batch in batches:
-        reference = _decode_figures(base, layout, batch, prompt_len, new_tokens, repeats)
+        reference = _decode_figures(base, batch, prompt_len, new_tokens, repeats)
         for P in streams:
-            parscale = _decode_figures(dataclasses.replace(base, parscale_n=P), layout, batch, prompt_len,
+            parscale = _decode_figures(dataclasses.replace(base, parscale_n=P), batch, prompt_len,
                                        new_tokens, repeats)
             dense_cfg = dense_equivalent(base, P, k)
-            dense = _decode_figures(dense_cfg, layout, batch, prompt_len, new_tokens, repeats)
+            dense = _decode_figures(dense_cfg, batch, prompt_len, new_tokens, repeats)
             increase = {name: {key: figures[key] - reference[key] for key in ("latency_s", "memory_bytes")}
                         for name, figures in (("parscale", parscale), ("dense", dense))}
             rows.append({
@@ -122,6 +126,10 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
 
+def _shown(ratio: float | None, digits: int = 2) -> str:
+    return "n/a" if ratio is None else f"{ratio:.{digits}f}"
+
+
 def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a large float32 matrix product on the default device: the MFU denominator."""
     a = jnp.ones((size, size), jnp.float32)
@@ -134,7 +142,6 @@ def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5) -> li
     """Training tokens/s and model FLOP utilization for every P, the peak measured in the same run."""
     from parscale_jax.train import create_state_fn, jit_train_step
 
-    layout = Layout.create(config, jax.devices()[:1])
     peak = matmul_peak_flops()
     B, S = config.train.batch_size, config.data.seq_len
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (B, S + 1)).astype(np.int32)
@@ -142,8 +149,9 @@ def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5) -> li
              "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)), "loss_mask": np.ones((B, S), np.int32)}
     rows, base = [], None
     for P in streams:
-        cfg = dataclasses.replace(config, model=validate_model(dataclasses.replace(config.model, parscale_n=P)))
+        cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, parscale_n=P))
         graphdef, optimizer, create_state = create_state_fn(cfg)
+        layout = _one_device(cfg)
         with jax.set_mesh(layout.mesh):
             params = jax.jit(lambda: init_params(cfg.model, 0))()
             state = create_state(params)
@@ -178,7 +186,7 @@ def write_report(name: str, rows: list[dict[str, Any]], out_dir: str | Path, met
 def format_table(name: str, rows: list[dict[str, Any]]) -> str:
     if name == "decode":
         header = "   P  batch  ms/token  latency x  decode memory (MiB)  memory x"
-        lines = [f"{r['P']:4d}  {r['batch']:5d}  {r['latency_s'] * 1e3:8.2f}  {r['latency_ratio']:9.2f}  "
+        lines = [f"{r['P']:4d}  {r['batch']:5d}  {r['latency_s'] * 1e3:8.2f}  {_shown(r['latency_ratio']):>9}  "
                  f"{r['memory_bytes'] / 2**20:19.2f}  {r['memory_ratio']:8.2f}" for r in rows]
     elif name == "equal-loss":
         header = ("   P  batch  dense params/base  memory +: dense / ParScale  latency +: dense / ParScale  "
@@ -187,10 +195,9 @@ def format_table(name: str, rows: list[dict[str, Any]]) -> str:
         for r in rows:
             mem = [(r[m]["memory_bytes"] - r["base"]["memory_bytes"]) / 2**20 for m in ("dense", "parscale")]
             lat = [(r[m]["latency_s"] - r["base"]["latency_s"]) * 1e3 for m in ("dense", "parscale")]
-            fmt = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
             lines.append(f"{r['P']:4d}  {r['batch']:5d}  {r['dense_params'] / r['base_params']:17.2f}  "
                          f"{mem[0]:9.2f} / {mem[1]:8.2f} MiB  {lat[0]:10.3f} / {lat[1]:7.3f} ms    "
-                         f"{fmt(r['memory_increase_ratio']):>15}  {fmt(r['latency_increase_ratio']):>18}")
+                         f"{_shown(r['memory_increase_ratio'], 1):>15}  {_shown(r['latency_increase_ratio'], 1):>18}")
     else:
         header = "   P  tokens/s  throughput x    MFU"
         lines = [f"{r['P']:4d}  {r['tokens_per_s']:8.0f}  {r['throughput_ratio']:12.2f}  {r['mfu']:6.1%}" for r in rows]

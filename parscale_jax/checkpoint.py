@@ -35,7 +35,7 @@ def complete_steps(directory: Path) -> list[int]:
 
 
 class Checkpointer:
-    """The step checkpoints in one directory (`train.checkpoint_dir` says which)."""
+    """The step checkpoints in one directory (`runs.Run.checkpoint_dir` says which)."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig()):
         self.directory = Path(directory).absolute()

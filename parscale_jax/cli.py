@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
+import gc
+import inspect
 import json
 import logging
 import sys
@@ -24,9 +27,10 @@ def _resolve_config_path(name_or_path: str) -> Path:
 
 def train_config(config_arg: str | None, run_dir: Path, overrides: list[str]) -> Config:
     """--config if given; else the config saved in an existing run directory; else the default."""
-    saved = run_dir / "config.yaml"
-    if config_arg is None and saved.is_file():
-        return load_config(base=read_yaml(saved), overrides=overrides)
+    if config_arg is None and (run_dir / "config.yaml").is_file():
+        from parscale_jax.runs import Run
+
+        return Run.open(run_dir, overrides).config
     return load_config(_resolve_config_path(config_arg or "default"), overrides)
 
 
@@ -38,7 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import jax
 
     from parscale_jax.config import resolve_mesh
-    from parscale_jax.train import checkpoint_dir, train
+    from parscale_jax.runs import Run
+    from parscale_jax.train import train
 
     resolve_mesh(config, jax.device_count())  # and the mesh against the devices
     if jax.process_count() > 1 and not args.run_dir:
@@ -57,39 +62,43 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"stopped by {last['stopped_by']} after step {last['step']}, checkpointed; resume with:\n"
                   f"  parscale-jax train --run-dir {run_dir}")
             return 0
-        print(f"checkpoints: {checkpoint_dir(config, run_dir)}\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
+        print(f"checkpoints: {Run(run_dir, config).checkpoint_dir}\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
               f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
 
 
-def run_config(run_dir: Path, overrides: list[str]) -> Config:
-    """The config saved in a run directory, under `overrides` (e.g. model.parscale_n to pick a stream set)."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError("--run-dir", f"{run_dir} holds no config.yaml; is it a training run directory?")
-    return load_config(base=read_yaml(saved), overrides=overrides)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    config = run_config(run_dir, args.overrides)
-
     from parscale_jax import data
-    from parscale_jax.train import evaluate_run
+    from parscale_jax.runs import Run
+    from parscale_jax.train import evaluate
 
+    run = Run.open(args.run_dir, args.overrides)
     rows = None  # the held-out split
     if args.text:
-        rows = data.text_file_rows(args.text, data.load_tokenizer(config.data), config.data.seq_len)
-    result = {**evaluate_run(config, run_dir, rows, args.batches), "source": args.text or "held-out split"}
-    out = Path(args.out) if args.out else run_dir / f"eval_step{result['step']}.json"
+        rows = data.text_file_rows(args.text, data.load_tokenizer(run.config.data), run.config.data.seq_len)
+    result = {**evaluate(run, rows, args.batches), "source": args.text or "held-out split"}
+    out = Path(args.out) if args.out else run.directory / f"eval_step{result['step']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
 
 
+def sampling_config(args: argparse.Namespace):
+    """The sampling flags as a checked SamplingConfig; a bad value is named by its flag."""
+    from parscale_jax.config import SamplingConfig, validate_sampling
+
+    try:
+        return validate_sampling(SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                                args.seed))
+    except ConfigError as err:
+        raise ConfigError("--" + err.key.replace("_", "-"), str(err).removeprefix(f"{err.key}: ")) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    config = run_config(run_dir, args.overrides)
+    from parscale_jax.runs import Run
+
+    run = Run.open(args.run_dir, args.overrides)
+    config = run.config
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("--prompt", "give one --prompt TEXT or a --prompts FILE (one prompt per line)")
     if args.prompts is not None:
@@ -104,11 +113,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jax
 
     from parscale_jax import data
-    from parscale_jax.generate import Generator, SamplingConfig
-    from parscale_jax.sharding import Layout
-    from parscale_jax.train import restore_latest
+    from parscale_jax.generate import Generator
+    from parscale_jax.layout import Layout
+    from parscale_jax.model import model_graphdef
 
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed).validate()
+    sampling = sampling_config(args)
     tokenizer = data.load_tokenizer(config.data)
     prompts = [tokenizer.encode(text).tolist() for text in texts]
     longest = max(map(len, prompts))
@@ -119,8 +128,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     layout = Layout.create(config)
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     with jax.set_mesh(layout.mesh):
-        graphdef, params, _ = restore_latest(config, run_dir, layout, args.step)
-        generator = Generator(graphdef, config.model, layout, len(prompts), max_len, sampling)
+        params, _ = run.params(layout, args.step)
+        generator = Generator(model_graphdef(config.model), config.model, layout, len(prompts), max_len, sampling)
         if len(prompts) == 1:  # stream the text as it comes
             shown = ""
             tokens: list[int] = []
@@ -155,12 +164,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    config = run_config(run_dir, args.overrides)
-
     from parscale_jax.convert import export_run
+    from parscale_jax.runs import Run
 
-    summary = export_run(run_dir, args.out, config, args.step, args.dtype,
+    summary = export_run(Run.open(args.run_dir, args.overrides), args.out, args.step, args.dtype,
                          int(args.max_shard_gb * 1024**3), args.overwrite)
     print(json.dumps(summary))
     return 0
@@ -209,8 +216,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         meta_run = {**meta, "seconds": round(time.perf_counter() - started, 1),
                     "options": {**decode_options, "steps": args.steps}}
         path = bench.write_report(name, rows, args.out, meta_run)
-        print(f"== {name} ({meta_run['seconds']} s; {path}, {bench.plot(name, rows, args.out)})")
+        print(f"== {name} ({meta_run['seconds']} s; {path})")
         print(bench.format_table(name, rows))
+        _plot_or_say(lambda: bench.plot(name, rows, args.out))
     return 0
 
 
@@ -230,11 +238,16 @@ def _fit_and_plot(groups: dict, plot: str, predict: tuple[float, float] | None =
             n, p = predict
             print(f"predicted loss at N = {n:.4g}, P = {int(p)}: {float(fit.law.loss(n, p)):.4f}; a P = 1 model "
                   f"needs N = {float(fit.law.dense_equivalent(n, p)):.4g} for it")
+    _plot_or_say(lambda: scaling_law.plot_fits(fits, plot))
+    return fits
+
+
+def _plot_or_say(draw) -> None:
+    """Draw a figure, or say in one line why not: matplotlib is optional."""
     try:
-        print(f"plot: {scaling_law.plot_fits(fits, plot)}")
+        print(f"plot: {draw()}")
     except ImportError:
         print("plot skipped: matplotlib is not installed (pip install 'parscale-jax[bench]')")
-    return fits
 
 
 def cmd_fit_law(args: argparse.Namespace) -> int:
@@ -331,15 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
+    generate.add_argument("--step", type=int, help="which checkpoint (default: the latest; 0: the starting weights)")
     generate.add_argument("overrides", nargs="*", metavar="section.key=value",
                           help="e.g. model.parscale_n=4 to pick that stream set of a dynamic-P run")
     generate.set_defaults(func=cmd_generate)
 
     importer = commands.add_parser(
-        "import", help="turn a Hugging Face Qwen2/Llama/ParScale checkpoint into a run directory to train",
+        "import", help="turn a Hugging Face Qwen2/Llama/ParScale checkpoint into a run directory",
         description="Raise P with model.parscale_n=P (new streams start fresh); train only them with "
-                    "train.trainable=parscale. Then: parscale-jax train --run-dir OUT.")
+                    "train.trainable=parscale. The run can be evaluated, sampled and exported at once (step 0); "
+                    "parscale-jax train --run-dir OUT trains it.")
     importer.add_argument("--hf", required=True, help="a local Hugging Face checkpoint directory (safetensors)")
     importer.add_argument("--out", required=True, help="the run directory to create")
     importer.add_argument("--config", help="data/train settings to start from (a YAML file or shipped config name)")
@@ -349,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     exporter = commands.add_parser("export", help="write a run's model as a Hugging Face checkpoint")
     exporter.add_argument("--run-dir", required=True)
     exporter.add_argument("--out", required=True, help="the checkpoint directory to write")
-    exporter.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
-    exporter.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: model.param_dtype")
+    exporter.add_argument("--step", type=int, help="which checkpoint (default: the latest; 0: the starting weights)")
+    exporter.add_argument("--dtype", help="float32 or bfloat16 (default: model.param_dtype)")
     exporter.add_argument("--max-shard-gb", type=float, default=5.0, help="split the weights above this size")
     exporter.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     exporter.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -426,6 +440,15 @@ def _quiet_library_errors() -> None:
     sys.unraisablehook = lambda unraisable: None
     threading.excepthook = lambda args: None
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    # The filter does not cover coroutines collected while the interpreter tears its modules down
+    # (which ones are depends on the import order): close them, unstarted, before that.
+    atexit.register(_close_abandoned_coroutines)
+
+
+def _close_abandoned_coroutines() -> None:
+    for obj in gc.get_objects():
+        if inspect.iscoroutine(obj) and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED:
+            obj.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+from parscale_jax.model import ATTENTION_KERNELS, FFN_TYPES, REMAT_POLICIES
+from parscale_jax.model.config import ModelConfig
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, mistyped or inconsistent. `key` is its dotted name."""
@@ -27,36 +30,14 @@ class ConfigError(ValueError):
         self.key = key
 
 
+# The choices a config offers, each listed once. The model's pluggable pieces (model.ffn,
+# model.attention, model.remat) are the keys of their registries in parscale_jax/model/.
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 SCHEDULES = ("cosine", "wsd", "constant")
 TRAINABLE = ("all", "parscale")
 ON_NONFINITE = ("skip", "stop")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """A Qwen2-family decoder plus the ParScale fields (SPEC §1). Names follow the paper's HF configs."""
-
-    vocab_size: int = 320
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int | None = None  # None: hidden_size // num_heads
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    qkv_bias: bool = True  # Qwen2: True, Llama: False
-    tie_embeddings: bool = True
-    max_position_embeddings: int = 2048
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    init_std: float = 0.02
-    remat: str = "none"  # per-layer rematerialization policy, one of REMAT_POLICIES
-    parscale_n: int = 1  # P, the number of parallel streams
-    parscale_n_tokens: int = 48  # T, prefix tokens per stream and layer
-    parscale_attn_smooth: float = 0.1  # epsilon of the aggregation-weight smoothing
+CORPORA = ("shakespeare", "files")
+MESH_AXES = ("data", "stream", "model")  # the device mesh, in this order; see parscale_jax/sharding.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +90,17 @@ class MeshConfig:
     model: int = 1  # tensor parallelism: heads, MLP width, vocabulary
     fsdp: bool = False  # also shard parameters and optimizer state over `data` (ZeRO-3)
     dcn_data: int = 1  # multi-slice TPU: slices, joined over the data-center network along `data`
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How `parscale-jax generate` picks tokens (command-line flags, not part of a run's config)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens; 0: all
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,15 +297,13 @@ def _require_one_of(value: str, options: tuple[str, ...], key: str) -> None:
 
 
 def validate_model(m: ModelConfig) -> ModelConfig:
-    """Check the model's rules; return it with head_dim filled in."""
+    """Check the model's rules; return it unchanged."""
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "max_position_embeddings"):
         _require(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
-    if m.head_dim is None:
-        _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
-                 f"{m.num_heads} heads do not divide hidden_size {m.hidden_size} "
-                 "(set model.head_dim explicitly to allow this)")
-        m = dataclasses.replace(m, head_dim=m.hidden_size // m.num_heads)
+    _require(m.head_dim is not None, "model.num_heads",
+             f"{m.num_heads} heads do not divide hidden_size {m.hidden_size} "
+             "(set model.head_dim explicitly to allow this)")
     _require(m.head_dim >= 2 and m.head_dim % 2 == 0, "model.head_dim",
              f"must be even and >= 2 for rotary embeddings, got {m.head_dim}")
     _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
@@ -323,7 +313,9 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _require(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}")
     _require_one_of(m.dtype, DTYPES, "model.dtype")
     _require_one_of(m.param_dtype, DTYPES, "model.param_dtype")
-    _require_one_of(m.remat, REMAT_POLICIES, "model.remat")
+    _require_one_of(m.remat, ("none", *REMAT_POLICIES), "model.remat")
+    _require_one_of(m.ffn, tuple(FFN_TYPES), "model.ffn")
+    _require_one_of(m.attention, tuple(ATTENTION_KERNELS), "model.attention")
     _require(m.parscale_n >= 1, "model.parscale_n", f"P must be >= 1, got {m.parscale_n}")
     _require(m.parscale_n_tokens >= 0, "model.parscale_n_tokens",
              f"T must be >= 0, got {m.parscale_n_tokens}")
@@ -332,9 +324,13 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     return m
 
 
+def _mesh_sizes(mesh: MeshConfig) -> dict[str, int]:
+    return {name: getattr(mesh, name) for name in MESH_AXES}
+
+
 def validate_mesh(mesh: MeshConfig, m: ModelConfig, t: TrainConfig) -> None:
     """The mesh rules that hold for any device count (an axis of -1 is checked once resolved)."""
-    sizes = {"data": mesh.data, "stream": mesh.stream, "model": mesh.model}
+    sizes = _mesh_sizes(mesh)
     for name, size in sizes.items():
         _require(size >= 1 or size == -1, f"mesh.{name}", f"must be >= 1 or -1 (fill), got {size}")
     filled = [name for name, size in sizes.items() if size == -1]
@@ -364,7 +360,7 @@ def validate_mesh(mesh: MeshConfig, m: ModelConfig, t: TrainConfig) -> None:
 def resolve_mesh(config: Config, num_devices: int) -> MeshConfig:
     """`config.mesh` with its -1 axis filled in for `num_devices`, checked against them."""
     mesh = config.mesh
-    sizes = {"data": mesh.data, "stream": mesh.stream, "model": mesh.model}
+    sizes = _mesh_sizes(mesh)
     fixed = math.prod(size for size in sizes.values() if size != -1)
     shape = " x ".join(f"{name}={size}" for name, size in sizes.items())
     for name, size in sizes.items():
@@ -372,20 +368,20 @@ def resolve_mesh(config: Config, num_devices: int) -> MeshConfig:
             _require(num_devices % fixed == 0, f"mesh.{name}",
                      f"cannot fill: {num_devices} devices do not split into {shape}")
             mesh = dataclasses.replace(mesh, **{name: num_devices // fixed})
-    resolved = mesh.data * mesh.stream * mesh.model
+    resolved = math.prod(_mesh_sizes(mesh).values())
+    shape = " x ".join(f"{name}={size}" for name, size in _mesh_sizes(mesh).items())
     _require(resolved == num_devices, "mesh",
-             f"data={mesh.data} x stream={mesh.stream} x model={mesh.model} = {resolved} devices, "
-             f"but {num_devices} are available (set one axis to -1 to fill)")
+             f"{shape} = {resolved} devices, but {num_devices} are available (set one axis to -1 to fill)")
     validate_mesh(mesh, config.model, config.train)
     return mesh
 
 
 def validate(config: Config) -> Config:
-    """Check every cross-field rule; return the config with derived fields (head_dim) filled in."""
+    """Check every cross-field rule; return the config unchanged."""
     m = validate_model(config.model)
     d, t, c = config.data, config.train, config.checkpoint
-    _require(d.corpus in ("shakespeare", "files"), "data.corpus",
-             f"must be 'shakespeare' or 'files', got '{d.corpus}'")
+    _require(d.corpus in CORPORA, "data.corpus",
+             f"must be {' or '.join(repr(c) for c in CORPORA)}, got '{d.corpus}'")
     _require(d.corpus != "files" or len(d.paths) > 0, "data.paths",
              "data.corpus=files needs at least one path")
     _require(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
@@ -419,4 +415,13 @@ def validate(config: Config) -> Config:
 
     _require(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
-    return dataclasses.replace(config, model=m)
+    return config
+
+
+def validate_sampling(s: SamplingConfig) -> SamplingConfig:
+    """Check the sampling settings; errors name the field (the CLI turns it into its flag)."""
+    _require(s.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+    _require(s.temperature >= 0, "temperature", f"must be >= 0, got {s.temperature}")
+    _require(s.top_k >= 0, "top_k", f"must be >= 0, got {s.top_k}")
+    _require(0 < s.top_p <= 1, "top_p", f"must lie in (0, 1], got {s.top_p}")
+    return s

@@ -1,8 +1,8 @@
 """`parscale-jax import` and `export`: between Hugging Face checkpoints and run directories.
 
-Import reads a Qwen2, Llama or qwen2_parscale checkpoint into `RUN/imported/` (the backbone, and
-the checkpoint's own prefix+aggregator set if it has streams) and writes `RUN/config.yaml`; the
-first `parscale-jax train --run-dir RUN` starts from those weights, adding fresh streams when P was
+Import makes a run whose starting weights are the checkpoint's: its backbone, and its own
+prefix+aggregator set if it has streams. The run can be evaluated, sampled and exported at once;
+`parscale-jax train --run-dir RUN` continues from those weights, adding fresh streams when P was
 raised (the paper's stage 2). Export writes a run's parameters, for the P its config names, as a
 Hugging Face checkpoint.
 """
@@ -17,11 +17,10 @@ import jax
 import numpy as np
 
 from parscale_jax import hf
-from parscale_jax.checkpoint import save_params
 from parscale_jax.config import Config, ConfigError, DataConfig, ModelConfig, load_config
+from parscale_jax.layout import Layout
 from parscale_jax.model import split_params
-from parscale_jax.sharding import Layout
-from parscale_jax.train import imported_dir, restore_latest, save_run_config
+from parscale_jax.runs import Run, check_new
 
 # What a checkpoint fixes; overrides may change the rest (P, T, ε, dtypes, remat).
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -49,44 +48,39 @@ def import_config(hf_dir: Path, overrides: list[str], base: dict[str, Any] | Non
 
 def import_checkpoint(hf_dir: str | Path, run_dir: str | Path, overrides: list[str],
                       base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Turn a Hugging Face checkpoint into a run directory to train; returns a summary."""
+    """Turn a Hugging Face checkpoint into a run directory; returns a summary."""
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
-    if (run_dir / "config.yaml").exists() or imported_dir(run_dir).exists():
-        raise ConfigError("--out", f"{run_dir} is already a run directory; import into a new one")
+    check_new(run_dir)  # before reading anything
     config, checkpoint = import_config(hf_dir, overrides, base)
     layout = Layout.create(config)
 
     _, numpy_params = hf.read_hf_checkpoint(hf_dir)
     parscale, backbone = split_params(numpy_params, checkpoint)
-    param_dtype = np.dtype(config.model.param_dtype)
-
-    def place(tree: dict[str, Any]) -> dict[str, Any]:
-        """Straight onto the mesh: each device receives only its own slice of each tensor."""
-        shardings = layout.param_shardings(tree)
-        return jax.tree.map(lambda x, s: jax.make_array_from_callback(
-            x.shape, s, lambda index: np.asarray(x[index], dtype=param_dtype)), tree, shardings)
-
-    with jax.set_mesh(layout.mesh):
-        save_params(imported_dir(run_dir) / "backbone", place(backbone))
-        if checkpoint.parscale_n > 1:
-            save_params(imported_dir(run_dir) / f"parscale_p{checkpoint.parscale_n}", place(parscale))
-    save_run_config(config, run_dir)
+    dtype = np.dtype(config.model.param_dtype)
     kept = checkpoint.parscale_n == config.model.parscale_n and \
         checkpoint.parscale_n_tokens == config.model.parscale_n_tokens
+    lineage = {"made_from": "huggingface", "path": str(hf_dir.absolute()), "checkpoint_streams": checkpoint.parscale_n,
+               "new_streams": config.model.parscale_n > 1 and not kept}
+    with jax.set_mesh(layout.mesh):
+        initial = {"backbone": layout.place(backbone, dtype)}
+        if checkpoint.parscale_n > 1:
+            initial[f"parscale_p{checkpoint.parscale_n}"] = layout.place(parscale, dtype)
+        Run.create(run_dir, config, lineage, initial)
     return {
         "run_dir": str(run_dir.absolute()),
         "parameters": int(sum(x.size for x in jax.tree.leaves(numpy_params))),
         "checkpoint_streams": checkpoint.parscale_n,
         "streams": config.model.parscale_n,
-        "new_streams": config.model.parscale_n > 1 and not kept,
+        "new_streams": lineage["new_streams"],
         "trainable": config.train.trainable,
     }
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, config: Config, step: int | None = None,
-               dtype: str | None = None, max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> dict[str, Any]:
-    """Write a run's parameters (latest checkpoint, or `step`) as a Hugging Face checkpoint."""
-    run_dir = Path(run_dir)
+def export_run(run: Run, out_dir: str | Path, step: int | None = None, dtype: str | None = None,
+               max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> dict[str, Any]:
+    """Write a run's parameters (latest checkpoint, or `step`; its starting weights if it has not
+    trained yet) as a Hugging Face checkpoint."""
+    config = run.config
     dtype = dtype or config.model.param_dtype
     if dtype not in hf.EXPORT_DTYPES:
         raise ConfigError("--dtype", f"must be one of {tuple(hf.EXPORT_DTYPES)}, got '{dtype}'")
@@ -96,9 +90,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, config: Config, step: i
                                                                       fsdp=False, dcn_data=1))
     layout = Layout.create(one_device, jax.devices()[:1])
     with jax.set_mesh(layout.mesh):
-        _, params, step = restore_latest(one_device, run_dir, layout, step)
+        params, step = Run(run.directory, one_device).params(layout, step)
     out = hf.write_hf_checkpoint(out_dir, params, config.model, config.data.tokenizer, dtype,
                                  max_shard_bytes, overwrite)
     return {"out": str(out), "step": step, "streams": config.model.parscale_n, "dtype": dtype,
             "files": sorted(p.name for p in out.iterdir())}
-

@@ -1,40 +1,35 @@
-"""Analytic parameter and FLOP counts (SPEC §1), used for logging TFLOP/s and by the scaling law."""
+"""Parameter counts (from the parameters' own declarations) and FLOP counts (SPEC §1), used for
+logging TFLOP/s and by the scaling law."""
 
 from __future__ import annotations
 
+import jax
+
 from parscale_jax.config import ModelConfig
+from parscale_jax.model import param_info, prefix_slots
 
 
-def prefix_slots(cfg: ModelConfig) -> int:
-    """Prefix tokens every stream's attention adds in each layer: T, none without streams."""
-    return cfg.parscale_n_tokens if cfg.parscale_n > 1 else 0
+def _count(cfg: ModelConfig, keep) -> int:
+    return sum(info.size for info in jax.tree.leaves(param_info(cfg)) if keep(info))
+
+
+def parscale_extra_params(cfg: ModelConfig) -> int:
+    """The ParScale parameters: prefixes `L·2·P·K·T·H` plus the aggregator `P·D² + D + D·P + P`; zero when P = 1."""
+    return _count(cfg, lambda info: info.parscale)
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+    """N of the scaling law: everything but the embedding and LM head, ParScale extras included."""
+    return _count(cfg, lambda info: info.kind != "embedding")
+
+
+def total_params(cfg: ModelConfig) -> int:
+    return _count(cfg, lambda info: True)
 
 
 def _layer_matmul_params(cfg: ModelConfig) -> int:
     D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     return D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
-
-
-def parscale_extra_params(cfg: ModelConfig) -> int:
-    """Prefixes `L·2·P·K·T·H` plus the aggregator `P·D² + D + D·P + P`; zero when P = 1."""
-    P, D = cfg.parscale_n, cfg.hidden_size
-    if P == 1:
-        return 0
-    prefixes = cfg.num_layers * 2 * P * cfg.num_kv_heads * cfg.parscale_n_tokens * cfg.head_dim
-    return prefixes + P * D * D + D + D * P + P
-
-
-def non_embedding_params(cfg: ModelConfig) -> int:
-    """N of the scaling law: everything but the embedding and LM head, ParScale extras included."""
-    N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    biases = (N + 2 * K) * H if cfg.qkv_bias else 0
-    per_layer = _layer_matmul_params(cfg) + biases + 2 * D
-    return cfg.num_layers * per_layer + D + parscale_extra_params(cfg)
-
-
-def total_params(cfg: ModelConfig) -> int:
-    embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
-    return non_embedding_params(cfg) + embeddings
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

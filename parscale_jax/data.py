@@ -179,21 +179,31 @@ def split_documents(docs: list[str], eval_fraction: float, seed: int) -> tuple[l
     return train, evaluation
 
 
-def pack_documents(token_docs: list[np.ndarray], seq_len: int, eos_id: int | None) -> Rows:
-    """Rows of seq_len inputs and their shifted targets, cut from the concatenated documents."""
+def pack_documents(token_docs: list[np.ndarray], seq_len: int, eos_id: int | None, keep_tail: bool = False) -> Rows:
+    """Rows of seq_len inputs and their shifted targets, cut from the concatenated documents.
+
+    The tokens after the last whole row are dropped, or with `keep_tail` make one more row, padded
+    (segment 0, no loss) after them.
+    """
     if eos_id is not None:
         token_docs = [np.append(doc, np.int32(eos_id)) for doc in token_docs]
     stream = np.concatenate(token_docs).astype(np.int32) if token_docs else np.zeros(0, np.int32)
     doc_index = np.repeat(np.arange(len(token_docs), dtype=np.int32), [len(doc) for doc in token_docs])
     row_len = seq_len + 1
     num_rows = len(stream) // row_len
+    if keep_tail and len(stream) % row_len >= 2:  # a tail with at least one target
+        num_rows += 1
+        padding = num_rows * row_len - len(stream)
+        stream = np.pad(stream, (0, padding))
+        doc_index = np.pad(doc_index, (0, padding), constant_values=-1)
     if num_rows == 0:
         raise DataError(f"only {len(stream)} tokens, fewer than one row of data.seq_len + 1 = {row_len}")
     tokens_RL = stream[: num_rows * row_len].reshape(num_rows, row_len)
     docs_RL = doc_index[: num_rows * row_len].reshape(num_rows, row_len)
     input_docs_RS, target_docs_RS = docs_RL[:, :-1], docs_RL[:, 1:]
+    real_RS = input_docs_RS >= 0
 
-    # A segment starts at the row start and wherever the document changes.
+    # A segment starts at the row start and wherever the document changes; padding is segment 0.
     starts_RS = np.ones_like(input_docs_RS, dtype=bool)
     starts_RS[:, 1:] = input_docs_RS[:, 1:] != input_docs_RS[:, :-1]
     index_RS = np.broadcast_to(np.arange(seq_len, dtype=np.int32), starts_RS.shape)
@@ -201,9 +211,9 @@ def pack_documents(token_docs: list[np.ndarray], seq_len: int, eos_id: int | Non
     return {
         "tokens": tokens_RL[:, :-1].copy(),
         "targets": tokens_RL[:, 1:].copy(),
-        "segment_ids": np.cumsum(starts_RS, axis=1, dtype=np.int32),
-        "positions": (index_RS - segment_start_RS).astype(np.int32),
-        "loss_mask": (input_docs_RS == target_docs_RS).astype(np.int32),
+        "segment_ids": np.where(real_RS, np.cumsum(starts_RS, axis=1, dtype=np.int32), 0).astype(np.int32),
+        "positions": np.where(real_RS, index_RS - segment_start_RS, 0).astype(np.int32),
+        "loss_mask": (real_RS & (input_docs_RS == target_docs_RS)).astype(np.int32),
     }
 
 
@@ -279,10 +289,11 @@ def eval_batches(config: Config, rows: Rows | None = None, limit: int = 0) -> It
 
 
 def text_file_rows(path: str, tokenizer: Tokenizer, seq_len: int) -> Rows:
-    """One text file as a single packed document, for evaluating on arbitrary text."""
+    """One text file as a single packed document, for evaluating on arbitrary text: every token of
+    it, the last row padded (a text shorter than one row is one padded row)."""
     if not Path(path).is_file():
         raise DataError(f"text file not found: {path}")
     text = _read_text(Path(path))
     if not text.strip():
         raise DataError(f"text file is empty: {path}")
-    return pack_documents([tokenizer.encode(text)], seq_len, tokenizer.eos_id)
+    return pack_documents([tokenizer.encode(text)], seq_len, tokenizer.eos_id, keep_tail=True)

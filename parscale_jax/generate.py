@@ -12,7 +12,6 @@ serves the whole batch. Padding slots are hidden from every query and real token
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -20,28 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from parscale_jax.config import ConfigError, ModelConfig
-from parscale_jax.counting import prefix_slots
-from parscale_jax.sharding import Layout
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # keep the k most likely tokens; 0: all
-    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p
-    seed: int = 0
-
-    def validate(self) -> SamplingConfig:
-        checks = [(self.max_new_tokens >= 1, "--max-new-tokens", "must be >= 1"),
-                  (self.temperature >= 0, "--temperature", "must be >= 0"),
-                  (self.top_k >= 0, "--top-k", "must be >= 0"),
-                  (0 < self.top_p <= 1, "--top-p", "must lie in (0, 1]")]
-        for ok, key, message in checks:
-            if not ok:
-                raise ConfigError(key, f"{message}, got {getattr(self, key[2:].replace('-', '_'))}")
-        return self
+from parscale_jax.config import ConfigError, ModelConfig, SamplingConfig
+from parscale_jax.layout import Layout
+from parscale_jax.model import KVCache, prefix_slots
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
@@ -63,41 +43,22 @@ def sample(logits_BV: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def init_cache(params: dict, cfg: ModelConfig, batch: int, max_len: int) -> dict:
-    """Keys and values `[L, P, B, T + max_len, n_kv, head_dim]`, the prefixes already in slots [0, T)."""
-    L, P, K, H, T = cfg.num_layers, cfg.parscale_n, cfg.num_kv_heads, cfg.head_dim, prefix_slots(cfg)
-    dtype = jnp.dtype(cfg.dtype)
-    cache = {}
-    for name in ("k", "v"):
-        cache_LPBCKH = jnp.zeros((L, P, batch, T + max_len, K, H), dtype)
-        if T:
-            prefix_LPTKH = params["layers"]["self_attn"][f"prefix_{name}"].transpose(0, 1, 3, 2, 4).astype(dtype)
-            prefix_LPBTKH = jnp.broadcast_to(prefix_LPTKH[:, :, None], (L, P, batch, T, K, H))
-            cache_LPBCKH = cache_LPBCKH.at[:, :, :, :T].set(prefix_LPBTKH)
-        cache[name] = cache_LPBCKH
-    return cache
-
-
 class Generator:
     """Compiled prefill and decode steps for one model, batch size and length budget."""
 
     def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig, layout: Layout, batch: int, max_len: int,
                  sampling: SamplingConfig):
-        self.cfg, self.layout, self.batch, self.max_len, self.sampling = cfg, layout, batch, max_len, sampling
-        T = prefix_slots(cfg)
-        cache_sharding = layout.cache_sharding()
-        cache_shardings = {"k": cache_sharding, "v": cache_sharding}
+        self.graphdef, self.cfg, self.batch, self.max_len, self.sampling = graphdef, cfg, batch, max_len, sampling
+        cache_shardings = KVCache(layout.cache_sharding(), layout.cache_sharding(), layout.replicated())
 
         def prefill(params, tokens_BS, positions_BS, visible_BSC, key):
-            cache = init_cache(params, cfg, batch, max_len)
             model = nnx.merge(graphdef, nnx.State(params))
-            logits_BSV, cache = model.decode(tokens_BS, positions_BS, cache, T, visible_BSC)
+            logits_BSV, cache = model.decode(tokens_BS, positions_BS, model.init_cache(batch, max_len), visible_BSC)
             return sample(logits_BSV[:, -1], key, sampling), logits_BSV[:, -1], cache
 
-        def decode(params, cache, token_B, position_B, index, visible_BC, key):
+        def decode(params, cache, token_B, position_B, visible_BC, key):
             model = nnx.merge(graphdef, nnx.State(params))
-            logits_B1V, cache = model.decode(token_B[:, None], position_B[:, None], cache, index,
-                                             visible_BC[:, None])
+            logits_B1V, cache = model.decode(token_B[:, None], position_B[:, None], cache, visible_BC[:, None])
             return sample(logits_B1V[:, 0], key, sampling), logits_B1V[:, 0], cache
 
         replicated = layout.replicated()
@@ -108,10 +69,10 @@ class Generator:
         """Device memory of one decode step as compiled: parameters, cache, inputs, outputs and
         temporaries, less what the donated cache lets the outputs reuse."""
         B, C = self.batch, prefix_slots(self.cfg) + self.max_len
-        cache = jax.eval_shape(lambda p: init_cache(p, self.cfg, B, self.max_len), params)
+        cache = jax.eval_shape(lambda p: nnx.merge(self.graphdef, nnx.State(p)).init_cache(B, self.max_len), params)
         token_B = jax.ShapeDtypeStruct((B,), jnp.int32)
         visible_BC = jax.ShapeDtypeStruct((B, C), jnp.bool_)
-        compiled = self._decode.lower(params, cache, token_B, token_B, 0, visible_BC, jax.random.key(0)).compile()
+        compiled = self._decode.lower(params, cache, token_B, token_B, visible_BC, jax.random.key(0)).compile()
         memory = compiled.memory_analysis()
         return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                    + memory.temp_size_in_bytes)
@@ -161,9 +122,9 @@ class Generator:
             done_B |= np.isin(token, stop)
             if done_B.all() or step == new_tokens - 1:
                 break
-            index = T + S + step
+            index = T + S + step  # the slot this step's token goes to (`cache.index` on the device)
             visible_BC = real_BC & (slots_C[None, :] <= index)
-            token_B, logits_BV, cache = self._decode(params, cache, token, position_B + step, index, visible_BC,
+            token_B, logits_BV, cache = self._decode(params, cache, token, position_B + step, visible_BC,
                                                      keys[step + 1])
         generated = np.stack(steps, axis=1)
         results = []

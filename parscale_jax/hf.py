@@ -12,6 +12,8 @@ official ParScale code expects, so that code loads our checkpoints too.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.resources
 import json
 import os
@@ -22,14 +24,13 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from flax.nnx.traversals import flatten_mapping, unflatten_mapping
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from parscale_jax.config import ConfigError, ModelConfig, validate_model
+from parscale_jax.model import param_info
 
-_LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 _REMOTE_CODE = ("configuration_qwen2_parscale.py", "modeling_qwen2_parscale.py")
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -118,7 +119,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Tensors
+# Tensors: one table for import and export
 
 
 def aggregator_kernel_from_hf(weight_DF: np.ndarray, P: int) -> np.ndarray:
@@ -135,38 +136,80 @@ def aggregator_kernel_to_hf(kernel_FD: np.ndarray, P: int) -> np.ndarray:
     return kernel_FD.reshape(P, D, D_out).transpose(1, 0, 2).reshape(D * P, D_out).T
 
 
+# Our parameter path -> (Hugging Face tensor name, how the array changes on the way). "{i}" is the
+# layer of a stacked `[L, ...]` parameter. Every parameter the model declares needs an entry; the
+# order is the file order (layer by layer, as transformers writes them).
+HF_NAMES: dict[str, tuple[str, str]] = {
+    "embed_tokens/embedding": ("model.embed_tokens.weight", "same"),
+    "layers/input_layernorm/weight": ("model.layers.{i}.input_layernorm.weight", "same"),
+    "layers/post_attention_layernorm/weight": ("model.layers.{i}.post_attention_layernorm.weight", "same"),
+    "layers/self_attn/q_proj/kernel": ("model.layers.{i}.self_attn.q_proj.weight", "transpose"),
+    "layers/self_attn/q_proj/bias": ("model.layers.{i}.self_attn.q_proj.bias", "same"),
+    "layers/self_attn/k_proj/kernel": ("model.layers.{i}.self_attn.k_proj.weight", "transpose"),
+    "layers/self_attn/k_proj/bias": ("model.layers.{i}.self_attn.k_proj.bias", "same"),
+    "layers/self_attn/v_proj/kernel": ("model.layers.{i}.self_attn.v_proj.weight", "transpose"),
+    "layers/self_attn/v_proj/bias": ("model.layers.{i}.self_attn.v_proj.bias", "same"),
+    "layers/self_attn/o_proj/kernel": ("model.layers.{i}.self_attn.o_proj.weight", "transpose"),
+    "layers/mlp/gate_proj/kernel": ("model.layers.{i}.mlp.gate_proj.weight", "transpose"),
+    "layers/mlp/up_proj/kernel": ("model.layers.{i}.mlp.up_proj.weight", "transpose"),
+    "layers/mlp/down_proj/kernel": ("model.layers.{i}.mlp.down_proj.weight", "transpose"),
+    "layers/self_attn/prefix_k": ("model.layers.{i}.self_attn.prefix_k", "same"),
+    "layers/self_attn/prefix_v": ("model.layers.{i}.self_attn.prefix_v", "same"),
+    "norm/weight": ("model.norm.weight", "same"),
+    "lm_head/kernel": ("lm_head.weight", "transpose"),
+    "aggregate_in_kernel": ("model.aggregate_layer.0.weight", "aggregator"),
+    "aggregate_in_bias": ("model.aggregate_layer.0.bias", "same"),
+    "aggregate_out_kernel": ("model.aggregate_layer.2.weight", "transpose"),
+    "aggregate_out_bias": ("model.aggregate_layer.2.bias", "same"),
+}
+# conversion -> (ours to Hugging Face, Hugging Face to ours), given P; torch Linear weights are [out, in].
+CONVERSIONS: dict[str, tuple[Callable, Callable]] = {
+    "same": (lambda x, P: x, lambda x, P: x),
+    "transpose": (lambda x, P: x.T, lambda x, P: x.T),
+    "aggregator": (aggregator_kernel_to_hf, aggregator_kernel_from_hf),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One tensor of a Hugging Face checkpoint and the parameter (or layer of it) it holds."""
+
+    name: str
+    path: tuple[str, ...]  # our parameter
+    layer: int | None  # the index into a stacked parameter's `[L]` axis
+    shape: tuple[int, ...]  # as Hugging Face stores it
+    conversion: str
+
+
+def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
+    """Every Hugging Face tensor of a model with this config, in file order."""
+    declared = {"/".join(path): info for path, info in flatten_mapping(param_info(cfg)).items()}
+    unknown = sorted(set(declared) - set(HF_NAMES))
+    if unknown:
+        raise KeyError(f"no Hugging Face name for parameter {unknown[0]}; add it to hf.HF_NAMES")
+    present = [key for key in HF_NAMES if key in declared]
+    layered = [key for key in present if key.startswith("layers/")]
+    first = present.index(layered[0])
+    order = [(key, None) for key in present[:first] if key not in layered]
+    order += [(key, i) for i in range(cfg.num_layers) for key in layered]
+    order += [(key, None) for key in present[first:] if key not in layered]
+    tensors = []
+    for key, layer in order:
+        name, conversion = HF_NAMES[key]
+        shape = declared[key].shape[0 if layer is None else 1:]
+        tensors.append(HFTensor(name.format(i=layer), tuple(key.split("/")), layer,
+                                shape if conversion == "same" else shape[::-1], conversion))
+    return tensors
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
     """Nested pure dict matching `nnx.to_pure_dict` of a `ParScaleLM(cfg)` parameter state."""
-    L, P = cfg.num_layers, cfg.parscale_n
-
-    def stacked(name: str) -> np.ndarray:
-        return np.stack([tensors[f"model.layers.{i}.{name}"] for i in range(L)])
-
-    layers: dict[str, Any] = {"self_attn": {}, "mlp": {}}
-    for name in _LAYER_LINEARS:
-        group, proj = name.split(".")
-        entry = {"kernel": stacked(f"{name}.weight").transpose(0, 2, 1)}
-        if f"model.layers.0.{name}.bias" in tensors:
-            entry["bias"] = stacked(f"{name}.bias")
-        layers[group][proj] = entry
-    for name in _LAYER_NORMS:
-        layers[name] = {"weight": stacked(f"{name}.weight")}
-
-    params: dict[str, Any] = {
-        "embed_tokens": {"embedding": tensors["model.embed_tokens.weight"]},
-        "layers": layers,
-        "norm": {"weight": tensors["model.norm.weight"]},
-    }
-    if not cfg.tie_embeddings:
-        params["lm_head"] = {"kernel": tensors["lm_head.weight"].T}
-    if P > 1:
-        layers["self_attn"]["prefix_k"] = stacked("self_attn.prefix_k")
-        layers["self_attn"]["prefix_v"] = stacked("self_attn.prefix_v")
-        params["aggregate_in_kernel"] = aggregator_kernel_from_hf(tensors["model.aggregate_layer.0.weight"], P)
-        params["aggregate_in_bias"] = tensors["model.aggregate_layer.0.bias"]
-        params["aggregate_out_kernel"] = tensors["model.aggregate_layer.2.weight"].T
-        params["aggregate_out_bias"] = tensors["model.aggregate_layer.2.bias"]
-    return params
+    P = cfg.parscale_n
+    parts: dict[tuple[str, ...], list[np.ndarray]] = {}
+    for t in hf_tensors(cfg):
+        parts.setdefault(t.path, []).append(CONVERSIONS[t.conversion][1](tensors[t.name], P))
+    return unflatten_mapping({path: np.stack(arrays) if path[0] == "layers" else arrays[0]
+                              for path, arrays in parts.items()})
 
 
 TensorSource = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]
@@ -178,47 +221,13 @@ def hf_tensor_sources(params: dict[str, Any], cfg: ModelConfig) -> list[TensorSo
     `read()` fetches one tensor to the host only when its shard is written, so an export holds the
     model once plus one shard.
     """
-    L, P = cfg.num_layers, cfg.parscale_n
-    layers = params["layers"]
-    sources: list[TensorSource] = []
+    flat = flatten_mapping(params)
 
-    def add(name: str, shape: tuple[int, ...], read: Callable[[], np.ndarray]) -> None:
-        sources.append((name, tuple(shape), read))
+    def read(t: HFTensor) -> np.ndarray:
+        x = flat[t.path] if t.layer is None else flat[t.path][t.layer]
+        return CONVERSIONS[t.conversion][0](np.asarray(x), cfg.parscale_n)
 
-    add("model.embed_tokens.weight", params["embed_tokens"]["embedding"].shape,
-        lambda: np.asarray(params["embed_tokens"]["embedding"]))
-    for i in range(L):
-        prefix = f"model.layers.{i}"
-        for name in _LAYER_NORMS:
-            weight = layers[name]["weight"]
-            add(f"{prefix}.{name}.weight", weight.shape[1:], lambda w=weight, i=i: np.asarray(w[i]))
-        for name in _LAYER_LINEARS:
-            group, proj = name.split(".")
-            kernel = layers[group][proj]["kernel"]
-            add(f"{prefix}.{name}.weight", kernel.shape[:0:-1], lambda k=kernel, i=i: np.asarray(k[i]).T)
-            if "bias" in layers[group][proj]:
-                bias = layers[group][proj]["bias"]
-                add(f"{prefix}.{name}.bias", bias.shape[1:], lambda b=bias, i=i: np.asarray(b[i]))
-        if P > 1:
-            for name in ("prefix_k", "prefix_v"):
-                prefix_LPKTH = layers["self_attn"][name]
-                add(f"{prefix}.self_attn.{name}", prefix_LPKTH.shape[1:],
-                    lambda x=prefix_LPKTH, i=i: np.asarray(x[i]))
-    add("model.norm.weight", params["norm"]["weight"].shape, lambda: np.asarray(params["norm"]["weight"]))
-    if not cfg.tie_embeddings:
-        kernel = params["lm_head"]["kernel"]
-        add("lm_head.weight", kernel.shape[::-1], lambda: np.asarray(kernel).T)
-    if P > 1:
-        kernel_in = params["aggregate_in_kernel"]
-        add("model.aggregate_layer.0.weight", kernel_in.shape[::-1],
-            lambda: aggregator_kernel_to_hf(np.asarray(kernel_in), P))
-        add("model.aggregate_layer.0.bias", params["aggregate_in_bias"].shape,
-            lambda: np.asarray(params["aggregate_in_bias"]))
-        kernel_out = params["aggregate_out_kernel"]
-        add("model.aggregate_layer.2.weight", kernel_out.shape[::-1], lambda: np.asarray(kernel_out).T)
-        add("model.aggregate_layer.2.bias", params["aggregate_out_bias"].shape,
-            lambda: np.asarray(params["aggregate_out_bias"]))
-    return sources
+    return [(t.name, t.shape, functools.partial(read, t)) for t in hf_tensors(cfg)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,14 +262,12 @@ def read_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, An
                     tensors[key] = f.get_tensor(key)
         except (OSError, SafetensorError) as err:  # missing, truncated or not safetensors at all
             raise ConfigError("--hf", f"{directory / name} cannot be read: {err}") from None
-    from parscale_jax.model import abstract_params
-
-    for name, shape, _ in hf_tensor_sources(abstract_params(cfg), cfg):
-        if name not in tensors:
-            raise ConfigError("--hf", f"{directory} lacks tensor {name} that its config.json implies")
-        if tensors[name].shape != shape:
-            raise ConfigError("--hf", f"{directory}: tensor {name} has shape {list(tensors[name].shape)}, but "
-                              f"config.json implies {list(shape)}")
+    for t in hf_tensors(cfg):
+        if t.name not in tensors:
+            raise ConfigError("--hf", f"{directory} lacks tensor {t.name} that its config.json implies")
+        if tensors[t.name].shape != t.shape:
+            raise ConfigError("--hf", f"{directory}: tensor {t.name} has shape {list(tensors[t.name].shape)}, but "
+                              f"config.json implies {list(t.shape)}")
     return cfg, params_from_hf(tensors, cfg)
 
 

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 
 from parscale_jax import data
 from parscale_jax.config import Config, ConfigError
+from parscale_jax.layout import Layout, with_shardings
 from parscale_jax.model import abstract_params
-from parscale_jax.sharding import Layout, with_shardings
-from parscale_jax.train import create_state_fn, jit_train_step, partition_trainable
+from parscale_jax.runs import partition_trainable
+from parscale_jax.train import create_state_fn, jit_train_step
 
 GIB = 1024**3
 

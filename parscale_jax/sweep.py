@@ -58,9 +58,9 @@ def grid(base: Config, widths: tuple[int, ...], streams: tuple[int, ...], tokens
 
 def check_run_dir(name: str, config: Config, run_dir: Path) -> None:
     """A run directory left by an earlier sweep must hold the same run; else resuming would mix two."""
-    from parscale_jax.train import saved_config_changes
+    from parscale_jax.runs import Run
 
-    differ, _ = saved_config_changes(config, run_dir)
+    differ, _ = Run(run_dir, config).config_changes()
     if differ:
         raise ConfigError("--out", f"run {name} in {run_dir} was trained with other settings "
                           f"({', '.join(differ)}); sweep into a new --out")
@@ -70,10 +70,11 @@ def run_one(name: str, config: Config, run_dir: Path, progress: bool) -> dict[st
     """Train (or finish) one run and evaluate it on the whole held-out split; its row of results.csv."""
     import jax
 
-    from parscale_jax.train import evaluate_run, train
+    from parscale_jax.runs import Run
+    from parscale_jax.train import evaluate, train
 
     last = train(config, run_dir, progress=progress)
-    evaluation = evaluate_run(config, run_dir)
+    evaluation = evaluate(Run(run_dir, config))
     t = config.train
     row = {"run": name, "hidden_size": config.model.hidden_size, "P": config.model.parscale_n,
            "non_embedding_params": non_embedding_params(config.model), "total_params": total_params(config.model),

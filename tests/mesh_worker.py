@@ -60,8 +60,8 @@ def logged(run_dir: Path, key: str) -> list[float]:
 def first_gradients(config) -> dict[str, np.ndarray]:
     """Gradients of the mean loss at the initial state on the first batch, computed on config's mesh."""
     from parscale_jax import data
+    from parscale_jax.layout import Layout
     from parscale_jax.model import abstract_params, init_params, model_graphdef
-    from parscale_jax.sharding import Layout
     from parscale_jax.train import loss_sums
 
     layout = Layout.create(config)
@@ -73,7 +73,7 @@ def first_gradients(config) -> dict[str, np.ndarray]:
         batch = layout.put_batch(next(iter(data.train_dataset(config, rows))), config.train.batch_size)
 
         def mean_loss_grads(params, batch):
-            grads, (_, n_tokens) = jax.grad(loss_sums, has_aux=True)(params, graphdef, batch, 0.0)
+            grads, (_, n_tokens, _) = jax.grad(loss_sums, has_aux=True)(params, graphdef, batch, 0.0)
             return jax.tree.map(lambda g: g / n_tokens, grads)
 
         grads = jax.jit(mean_loss_grads, in_shardings=(shardings, layout.batch_sharding()),
@@ -100,9 +100,10 @@ GENERATION_PROMPTS = [[5, 17, 42, 9, 100, 3], [7, 7, 250]]
 
 def generation(config) -> dict[str, np.ndarray]:
     """Greedy tokens and per-step logits of two left-padded prompts, generated on config's mesh."""
-    from parscale_jax.generate import Generator, SamplingConfig
+    from parscale_jax.config import SamplingConfig
+    from parscale_jax.generate import Generator
+    from parscale_jax.layout import Layout
     from parscale_jax.model import abstract_params, init_params, model_graphdef
-    from parscale_jax.sharding import Layout
 
     layout = Layout.create(config)
     with jax.set_mesh(layout.mesh):
@@ -115,9 +116,10 @@ def generation(config) -> dict[str, np.ndarray]:
 
 def main(out_dir: Path) -> None:
     from parscale_jax.checkpoint import Checkpointer
+    from parscale_jax.layout import Layout, with_shardings
     from parscale_jax.model import abstract_params
-    from parscale_jax.sharding import Layout, with_shardings
-    from parscale_jax.train import checkpoint_dir, create_state_fn, train
+    from parscale_jax.runs import Run
+    from parscale_jax.train import create_state_fn, train
 
     results = {}
     for name, shape in MESHES.items():
@@ -129,7 +131,7 @@ def main(out_dir: Path) -> None:
             _, _, create_state = create_state_fn(config)
             abstract = jax.eval_shape(create_state, abstract_params(config.model))
             layout = Layout.create(config)
-            state = Checkpointer(checkpoint_dir(config, run_dir)).restore(
+            state = Checkpointer(Run(run_dir, config).checkpoint_dir).restore(
                 4, with_shardings(abstract, layout.state_shardings(abstract)))
             results[key] = {"losses": logged(run_dir, "loss"), "grad_norms": logged(run_dir, "grad_norm"),
                             "specs": checked_specs(state)}

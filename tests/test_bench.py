@@ -57,3 +57,17 @@ def test_bench_command_writes_tables_json_and_plots(tmp_path, capsys):
 def test_bench_errors(tmp_path, capsys, args, fragment):
     assert main(["bench", "decode", "--out", str(tmp_path), *args]) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_bench_without_matplotlib_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    from parscale_jax import plotting
+
+    def no_matplotlib():
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(plotting, "pyplot", no_matplotlib)
+    assert main(["bench", "train", "--config", "default", "--out", str(tmp_path), "--streams", "1", "--steps", "1",
+                 *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "plot skipped: matplotlib is not installed" in printed and "Traceback" not in printed
+    assert (tmp_path / "train.json").is_file() and not (tmp_path / "train.png").exists()

@@ -316,23 +316,55 @@ def test_eval_batches_pad_without_changing_the_loss_mask(corpus_config: Config):
     assert len(list(data.eval_batches(corpus_config, rows=rows, limit=2))) == 2
 
 
-def test_eval_batches_use_the_held_out_split(corpus_config: Config):
-    tokenizer = data.load_tokenizer(corpus_config.data)
-    _, held_out = data.split_documents(data.read_documents(corpus_config.data), 0.1, seed=3)
-    rows = data.pack_documents([tokenizer.encode(d) for d in held_out], 16, tokenizer.eos_id)
-    batches = list(data.eval_batches(corpus_config))
-    _assert_batches_equal(batches, list(data.eval_batches(corpus_config, rows=rows)))
-    assert len(batches) == -(-len(rows["tokens"]) // 4) > 0
+def test_eval_batches_use_the_held_out_split(tmp_path: Path):
+    """20 numbered documents, 10% held out: the evaluation batches hold exactly 2 of them, whole and
+    in their own order, and the training batches none of those 2 (read back from the bytes)."""
+    docs = [f"<doc {i:02d}> {_words(i, 6)}" for i in range(20)]
+    path = tmp_path / "numbered.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    config = Config(data=DataConfig(corpus="files", paths=(str(path),), seq_len=16, eval_fraction=0.1, seed=3),
+                    train=TrainConfig(batch_size=4))
+    batches = list(data.eval_batches(config))
+    # Row r holds tokens [17 r, 17 r + 17) of the split's stream (inputs, then the last target); the
+    # padding rows of the last batch have no segment. Join them back and cut at end-of-document.
+    stream = [token for batch in batches for tokens, targets, segments in
+              zip(batch["tokens"], batch["targets"], batch["segment_ids"]) if segments[0]
+              for token in [*tokens.tolist(), int(targets[-1])]]
+    *whole, tail = bytes(t if t < 256 else 0 for t in stream).split(b"\x00")
+    held_out = [text.decode("utf-8") for text in whole]
+    assert all(doc in docs for doc in held_out)
+    # The rows end inside the last document: what is there of it is the start of another one.
+    held_out += [doc for doc in docs if doc.startswith(tail.decode("utf-8")) and doc not in held_out]
+    assert len(held_out) == 2 and len(tail) >= 8
+    # Every training row is a slice of the other 18 documents, end-of-document tokens between them.
+    train_stream = "".join(doc + "\x00" for doc in docs if doc not in held_out).encode()
+    rows = [row for batch in _take(iter(data.train_dataset(config)), 10) for row in batch["tokens"]]
+    assert all(bytes(t if t < 256 else 0 for t in row.tolist()) in train_stream for row in rows)
 
 
 def test_text_file_rows(tmp_path: Path):
+    """The text's bytes and the end-of-document token, cut into rows of 8 inputs and 8 shifted
+    targets; the 7 tokens after the last whole row make one more, padded row."""
+    text = "abcdefghijklmnopqrstuvwxyz"  # 26 bytes + end of document = 27 tokens = 3 rows of 9, no tail
     path = tmp_path / "story.txt"
-    path.write_text(_words(0, 30))
+    path.write_text(text + "0123456")  # + 7 bytes: a fourth row with 6 targets
     tokenizer = data.ByteTokenizer()
     rows = data.text_file_rows(str(path), tokenizer, seq_len=8)
-    expected = data.pack_documents([tokenizer.encode(path.read_text())], 8, tokenizer.eos_id)
-    _assert_batches_equal([rows], [expected])
-    assert (rows["segment_ids"] == 1).all()
+    stream = [*(text + "0123456").encode(), 256]
+    assert rows["tokens"].shape == (4, 8)
+    for r in range(3):
+        np.testing.assert_array_equal(rows["tokens"][r], stream[9 * r : 9 * r + 8])
+        np.testing.assert_array_equal(rows["targets"][r], stream[9 * r + 1 : 9 * r + 9])
+    np.testing.assert_array_equal(rows["tokens"][3], [*stream[27:34], 0])
+    np.testing.assert_array_equal(rows["targets"][3], [*stream[28:34], 0, 0])
+    np.testing.assert_array_equal(rows["loss_mask"], [[1] * 8] * 3 + [[1] * 6 + [0, 0]])
+    np.testing.assert_array_equal(rows["segment_ids"], [[1] * 8] * 3 + [[1] * 7 + [0]])
+    np.testing.assert_array_equal(rows["positions"][3], [0, 1, 2, 3, 4, 5, 6, 0])
+    short = tmp_path / "short.txt"
+    short.write_text("hi")  # shorter than one row: one padded row with its 2 targets
+    rows = data.text_file_rows(str(short), tokenizer, seq_len=8)
+    np.testing.assert_array_equal(rows["targets"], [[ord("i"), 256, 0, 0, 0, 0, 0, 0]])
+    assert rows["loss_mask"].sum() == 2
     with pytest.raises(DataError, match="text file not found"):
         data.text_file_rows(str(tmp_path / "missing.txt"), tokenizer, 8)
     (tmp_path / "empty.txt").write_text("\n")

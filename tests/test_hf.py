@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -19,9 +21,6 @@ from parscale_jax import hf
 from parscale_jax.cli import main
 from parscale_jax.config import ConfigError, load_config
 from parscale_jax.model import init_params, model_graphdef, split_params
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 REFERENCE = Path(__file__).parent / "data" / "official_reference"
 SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -34,7 +33,7 @@ TEXT = "Now is the winter of our discontent — ça va? 🙂"
 
 def our_logits(params, cfg, ids, mask=None) -> np.ndarray:
     model = nnx.merge(model_graphdef(cfg), nnx.State(jax.tree.map(np.asarray, params)))
-    return np.asarray(model(np.asarray(ids), None, None if mask is None else np.asarray(mask)))
+    return np.asarray(model(np.asarray(ids), None, None if mask is None else np.asarray(mask))[0])
 
 
 def our_greedy(params, cfg, prompt, new_tokens) -> list[int]:
@@ -231,17 +230,11 @@ def peft_run(tmp_path_factory, qwen_dir) -> Path:
 
 
 def test_peft_trains_only_the_streams_and_leaves_the_backbone_bitwise(peft_run, qwen_dir):
-    from parscale_jax.sharding import Layout
-    from parscale_jax.train import restore_latest
-
     _, imported = hf.read_hf_checkpoint(qwen_dir)
     for P in (2, 4):
-        config = load_config(base=_saved(peft_run), overrides=[f"model.parscale_n={P}"])
-        layout = Layout.create(config)
-        with jax.set_mesh(layout.mesh):
-            _, params, step = restore_latest(config, peft_run, layout)
+        params, step, config = restored(peft_run, f"model.parscale_n={P}")
         assert step == 3
-        streams, backbone = split_params(jax.tree.map(np.asarray, params), config.model)
+        streams, backbone = split_params(params, config.model)
         jax.tree.map(np.testing.assert_array_equal, backbone, imported)  # bitwise
         fresh, _ = split_params(jax.tree.map(np.asarray, init_params(config.model, config.train.seed)), config.model)
         changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), streams, fresh)
@@ -252,10 +245,16 @@ def test_peft_trains_only_the_streams_and_leaves_the_backbone_bitwise(peft_run, 
     assert moments and all(("prefix" in k or "aggregate" in k) for k in moments), moments
 
 
-def _saved(run_dir: Path) -> dict:
-    import yaml
+def restored(run_dir: Path, *overrides: str, step: int | None = None):
+    """(parameters as numpy, their step, the config) of a run's newest checkpoint (or starting weights)."""
+    from parscale_jax.layout import Layout
+    from parscale_jax.runs import Run
 
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
+    run = Run.open(run_dir, overrides)
+    layout = Layout.create(run.config)
+    with jax.set_mesh(layout.mesh):
+        params, step = run.params(layout, step)
+    return jax.tree.map(np.asarray, params), step, run.config
 
 
 def test_dynamic_p_picks_a_stream_set_for_eval_and_export(peft_run, tmp_path, ids, capsys):
@@ -278,9 +277,42 @@ def test_dynamic_p_picks_a_stream_set_for_eval_and_export(peft_run, tmp_path, id
 def test_imported_run_trains_all_weights_with_new_streams(tmp_path, qwen_dir):
     run_dir = tmp_path / "run"
     assert run("import", "--hf", str(qwen_dir), "--out", str(run_dir), "model.parscale_n=2", *PEFT_TRAIN) == 0
+    start, step, config = restored(run_dir)
+    assert step == 0
     assert run("train", "--run-dir", str(run_dir), "--no-progress", "train.steps=2") == 0
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    trained, step, _ = restored(run_dir)
+    assert step == 2
+    # Every tensor moved: the imported backbone and the new streams alike.
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), trained, start)
+    assert all(jax.tree.leaves(moved)), moved
+    _, imported = hf.read_hf_checkpoint(qwen_dir)
+    jax.tree.map(np.testing.assert_array_equal, split_params(start, config.model)[1], imported)
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_an_imported_run_is_usable_before_it_trains(tmp_path, qwen_dir, ids, capsys, P):
+    """eval, generate and export work on the starting weights (step 0) right after the import."""
+    run_dir, out = tmp_path / "run", tmp_path / "hf"
+    assert run("import", "--hf", str(qwen_dir), "--out", str(run_dir), f"model.parscale_n={P}", *PEFT_TRAIN) == 0
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert lineage["made_from"] == "huggingface" and lineage["path"] == str(qwen_dir.absolute())
+    assert lineage["new_streams"] == (P > 1)
+    capsys.readouterr()
+    assert run("eval", "--run-dir", str(run_dir), "--batches", "1") == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 0 and np.isfinite(result["loss"])
+    assert run("generate", "--run-dir", str(run_dir), "--prompt", "To be", "--max-new-tokens", "4") == 0
+    assert capsys.readouterr().out.startswith("To be")
+    assert run("export", "--run-dir", str(run_dir), "--out", str(out)) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 0
+    exported = torch_logits(load_hf(out), ids % 256)
+    if P == 1:  # the checkpoint itself, unchanged
+        reference = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(qwen_dir), ids % 256)
+        np.testing.assert_allclose(exported, reference, atol=1e-5, rtol=0)
+    cfg, params = hf.read_hf_checkpoint(out)
+    np.testing.assert_allclose(exported, our_logits(params, cfg, ids % 256), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -317,7 +349,7 @@ def test_import_of_an_unsupported_model_is_one_line(tmp_path, capsys):
 def test_official_checkpoints_import_into_a_run(tmp_path):
     shutil.copytree(REFERENCE / "tiny_p2", tmp_path / "p2")
     assert run("import", "--hf", str(tmp_path / "p2"), "--out", str(tmp_path / "run")) == 0
-    assert (tmp_path / "run" / "imported" / "parscale_p2").exists()
+    assert (tmp_path / "run" / "initial" / "parscale_p2").exists()
 
 
 def test_a_users_tokenizer_is_shipped_as_is(tmp_path):

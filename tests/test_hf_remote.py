@@ -12,15 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from safetensors import safe_open  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from parscale_jax.hf_remote.configuration_qwen2_parscale import Qwen2ParScaleConfig  # noqa: E402
-from parscale_jax.hf_remote.modeling_qwen2_parscale import Qwen2ParScaleForCausalLM  # noqa: E402
+from parscale_jax.hf_remote.configuration_qwen2_parscale import Qwen2ParScaleConfig
+from parscale_jax.hf_remote.modeling_qwen2_parscale import Qwen2ParScaleForCausalLM
 
 REFERENCE = Path(__file__).parent / "data" / "official_reference"
 REMOTE_CODE = Path(__file__).parent.parent / "parscale_jax" / "hf_remote"

@@ -19,8 +19,9 @@ from parscale_jax.model import (
     apply_rope,
     attention_mask,
     model_graphdef,
+    prefix_slots,
     rope_tables,
-    run_layers,
+    scan_layers,
 )
 
 # Outputs of the official implementation and the paper's loss table, copied from shared/data.
@@ -46,7 +47,7 @@ def make_model(cfg: ModelConfig, seed: int = 0) -> ParScaleLM:
 @nnx.jit
 def forward(model, *args):
     """Jitted logits: eager NNX runs op by op, which is slow."""
-    return model(*args)
+    return model(*args)[0]
 
 
 def tokens(shape, seed=1, vocab=64):
@@ -91,14 +92,14 @@ def test_vmap_over_streams_equals_loop_over_streams():
     positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
     segments = jnp.ones((2, 7), jnp.int32)
     x = model.embed_tokens(ids)
-    h_vmap = model.streams(x, positions, segments)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    h_vmap, _, _ = model.streams(x, cos, sin, attention_mask(segments, prefix_slots(cfg)))
 
     layers_def, prefix_state, shared_state = nnx.split(model.layers, ParScaleParam, ...)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    mask = attention_mask(segments)
+    mask = attention_mask(segments, prefix_slots(cfg))
     h_loop = jnp.stack([
-        model.norm(run_layers(layers_def, shared_state, jax.tree.map(lambda a: a[:, p], prefix_state),
-                              x, cos, sin, mask))
+        model.norm(scan_layers(layers_def, shared_state, jax.tree.map(lambda a: a[:, p], prefix_state),
+                               x, cos, sin, mask)[0])
         for p in range(cfg.parscale_n)])
     np.testing.assert_allclose(h_vmap, h_loop, atol=1e-5, rtol=1e-5)
     # The streams really differ (their prefixes do), so the check above is not vacuous.
@@ -135,7 +136,8 @@ def test_aggregation_weights_are_a_smoothed_distribution():
     cfg = tiny(parscale_n=4, parscale_attn_smooth=0.1)
     model = make_model(cfg)
     x = model.embed_tokens(tokens((2, 6)))
-    h = model.streams(x, jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32))
+    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(6), (2, 6)), cfg.head_dim, cfg.rope_theta)
+    h, _, _ = model.streams(x, cos, sin, attention_mask(jnp.ones((2, 6), jnp.int32), prefix_slots(cfg)))
     _, weights = model.aggregate(h)
     assert weights.shape == (2, 6, 4) and weights.dtype == jnp.float32
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
@@ -201,29 +203,46 @@ def test_packed_segments_do_not_leak():
 
 
 def test_rope_rotates_pairs_by_position():
-    x = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
-    cos, sin = rope_tables(jnp.arange(4)[None], 8, 10000.0)
-    y = apply_rope(x, cos, sin)
-    np.testing.assert_allclose(y[:, 0], x[:, 0], atol=1e-6)  # position 0 is not rotated
-    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    """Dimension i and i + H/2 turn by the angle position · theta^(-2i/H), written out in numpy."""
+    H, theta = 8, 500.0
+    x = np.asarray(jax.random.normal(jax.random.key(0), (1, 5, 2, H)))
+    positions = np.array([[0, 1, 2, 7, 30]])
+    cos, sin = rope_tables(jnp.asarray(positions), H, theta)
+    y = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    expected = np.empty_like(x)
+    for s, position in enumerate(positions[0]):
+        for i in range(H // 2):
+            angle = position * theta ** (-2 * i / H)
+            a, b = x[0, s, :, i], x[0, s, :, i + H // 2]
+            expected[0, s, :, i] = a * np.cos(angle) - b * np.sin(angle)
+            expected[0, s, :, i + H // 2] = b * np.cos(angle) + a * np.sin(angle)
+    np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "qkv_proj"])
-def test_remat_policies_give_the_same_gradients(policy):
+def _grads_and_residuals(cfg, ids):
+    """Gradients of a scalar of the logits, and how many numbers the backward pass keeps."""
+    model = make_model(cfg)
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        return jnp.mean(nnx.merge(graphdef, state)(ids)[0] ** 2)
+
+    _, backward = jax.vjp(loss, state)  # its leaves are the residuals the forward pass saved
+    return jax.jit(jax.grad(loss))(state), sum(x.size for x in jax.tree.leaves(backward))
+
+
+def test_remat_policies_give_the_same_gradients_and_keep_less():
     ids = tokens((2, 8))
-
-    def grads(cfg):
-        model = make_model(cfg)
-        graphdef, state = nnx.split(model)
-
-        def loss(state):
-            return jnp.mean(nnx.merge(graphdef, state)(ids) ** 2)
-
-        return jax.jit(jax.grad(loss))(state)
-
-    reference, rematerialized = grads(tiny()), grads(tiny(remat=policy))
-    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(rematerialized)):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    reference, kept_without = _grads_and_residuals(tiny(), ids)
+    kept = {}
+    for policy in ("full", "dots", "dots_no_batch", "qkv_proj"):
+        grads, kept[policy] = _grads_and_residuals(tiny(remat=policy), ids)
+        for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    # Each policy is applied: saving nothing keeps least, the q/k/v projections a little more, all
+    # matrix products more again, and no rematerialization the most.
+    assert kept["full"] < kept["qkv_proj"] < kept["dots"] < kept_without, kept
+    assert kept["dots_no_batch"] < kept_without, kept
 
 
 def test_bfloat16_compute_with_float32_parameters():
@@ -244,7 +263,7 @@ def test_paper_shape_traces_its_36_layers_as_one_scan():
     cfg = load_config(packaged_config_path("paper_1.6b"), ["model.parscale_n=8"]).model
     graphdef, state = nnx.split(nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0))))
     ids = jax.ShapeDtypeStruct((1, 16), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda state, ids: nnx.merge(graphdef, state)(ids))(state, ids)
+    jaxpr = jax.make_jaxpr(lambda state, ids: nnx.merge(graphdef, state)(ids)[0])(state, ids)
     scans = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan"]
     assert [eqn.params["length"] for eqn in scans] == [36]
     assert len(jaxpr.jaxpr.eqns) < 100

@@ -27,6 +27,7 @@ from parscale_jax.cli import main
 from parscale_jax.config import ConfigError, load_config
 from parscale_jax.errors import CheckpointError, NonFiniteError
 from parscale_jax.preemption import StopRequests
+from parscale_jax.runs import Run
 
 STEPS = 40
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
@@ -70,11 +71,15 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
-    """Until the run has logged `step` (the process must still be running)."""
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the run has logged `step` (the process must still be running, and get there in time)."""
     metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
     while True:
         assert process.poll() is None, finish(process)
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no step {step} logged in {timeout} s: {finish(process)}")
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         if lines and lines[-1].endswith("}") and json.loads(lines[-1])["step"] >= step:
             return
@@ -320,9 +325,9 @@ def poison(monkeypatch, token: int, what: str) -> None:
     real = train_module.loss_sums
 
     def poisoned(params, graphdef, batch, z_loss):
-        objective, (ce_sum, n_tokens) = real(params, graphdef, batch, z_loss)
+        objective, (ce_sum, n_tokens, aux) = real(params, graphdef, batch, z_loss)
         factor = jnp.where(jnp.any(batch["tokens"] == token), jnp.nan, 1.0)
-        return objective * factor, (ce_sum * factor if what == "loss" else ce_sum, n_tokens)
+        return objective * factor, (ce_sum * factor if what == "loss" else ce_sum, n_tokens, aux)
 
     monkeypatch.setattr(train_module, "loss_sums", poisoned)
 
@@ -380,10 +385,10 @@ def test_layout_and_logging_settings_may_change_on_resume(finished, tmp_path):
     shutil.copytree(finished, run_dir)
     config = load_config(None, [*TINY, "train.steps=42", "mesh.data=1", "checkpoint.every=1", "train.log_every=2"])
     with pytest.raises(ConfigError, match=r"train.steps: .* \(train.steps 40 -> 42\)"):
-        train_module.check_saved_config(config, run_dir, override=False)
-    train_module.check_saved_config(load_config(None, [*TINY, "mesh.data=1", "checkpoint.every=1"]), run_dir, False)
+        Run(run_dir, config).check_config(override=False)
+    Run(run_dir, load_config(None, [*TINY, "mesh.data=1", "checkpoint.every=1"])).check_config(False)
     # Settings of the model that leave its parameters' shapes alone are like any other setting.
     remat = load_config(None, [*TINY, "model.remat=full", "model.parscale_attn_smooth=0.2"])
     with pytest.raises(ConfigError, match=r"model.parscale_attn_smooth: .* pass --override-config"):
-        train_module.check_saved_config(remat, run_dir, override=False)
-    train_module.check_saved_config(remat, run_dir, override=True)
+        Run(run_dir, remat).check_config(override=False)
+    Run(run_dir, remat).check_config(override=True)

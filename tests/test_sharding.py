@@ -20,7 +20,9 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from parscale_jax.config import ConfigError, load_config
-from parscale_jax.sharding import PARAM_AXES, Layout, param_logical_axes, param_rules, param_spec
+from parscale_jax.layout import Layout
+from parscale_jax.sharding import RULES, rules_for
+from parscale_jax.sharding import spec as partition_spec
 from parscale_jax.train import train
 
 RUNS = [f"{name}{suffix}" for name in mesh_worker.MESHES for suffix in ("", "-fsdp")]
@@ -105,27 +107,30 @@ def test_generation_on_a_stream_and_model_sharded_mesh_equals_one_device(sharded
     np.testing.assert_allclose(on_mesh["logits"], alone["logits"], rtol=0, atol=1e-5)
 
 
-def test_every_parameter_has_a_rule():
-    from parscale_jax.model import abstract_params
+def test_every_parameter_declares_axes_that_have_rules():
+    from parscale_jax.model import abstract_params, param_info
 
-    params = abstract_params(mesh_worker.tiny_config("model.tie_embeddings=false").model)
-    used = set()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        axes = param_logical_axes(tuple(str(k.key) for k in path))
-        assert len(axes) == leaf.ndim, (path, axes)
-        used.add(axes)
-    assert used == set(PARAM_AXES.values())
-    with pytest.raises(KeyError, match="no sharding rule for parameter extra/weight_q"):
-        param_logical_axes(("extra", "weight_q"))
+    config = mesh_worker.tiny_config("model.tie_embeddings=false")
+    params = abstract_params(config.model)
+    info = param_info(config.model)
+    assert jax.tree.structure(params) == jax.tree.structure(info)
+    for leaf, declared in zip(jax.tree.leaves(params), jax.tree.leaves(info)):
+        assert len(declared.axes) == leaf.ndim and declared.shape == leaf.shape, declared
+        assert all(axis in RULES for axis in declared.axes), declared
+    layout = Layout.create(config)
+    with pytest.raises(KeyError, match="extra/weight_q is not a parameter of this model"):
+        layout.param_shardings({"extra": {"weight_q": params["norm"]["weight"]}})
+    with pytest.raises(ValueError, match="declares axes .* but has 2 dimensions"):
+        layout.param_shardings({"norm": {"weight": jax.ShapeDtypeStruct((2, 64), np.float32)}})
 
 
 def test_kv_heads_fewer_than_model_devices_are_replicated():
     mesh_shape = {"data": 2, "stream": 1, "model": 4}
-    qwen_rules = param_rules(num_kv_heads=2, mesh_shape=mesh_shape, fsdp=True)
-    assert param_spec(("layers", "embed", "kv_heads"), qwen_rules) == PartitionSpec(None, "data", None)
-    assert param_spec(("layers", "embed", "heads"), qwen_rules) == PartitionSpec(None, "data", "model")
-    rules = param_rules(num_kv_heads=8, mesh_shape=mesh_shape, fsdp=False)
-    assert param_spec(("layers", "embed", "kv_heads"), rules) == PartitionSpec(None, None, "model")
+    qwen_rules = rules_for(num_kv_heads=2, mesh_shape=mesh_shape, fsdp=True)
+    assert partition_spec(("layers", "embed", "kv_heads"), qwen_rules) == PartitionSpec(None, "data", None)
+    assert partition_spec(("layers", "embed", "heads"), qwen_rules) == PartitionSpec(None, "data", "model")
+    rules = rules_for(num_kv_heads=8, mesh_shape=mesh_shape, fsdp=False)
+    assert partition_spec(("layers", "embed", "kv_heads"), rules) == PartitionSpec(None, None, "model")
 
 
 def test_a_mesh_that_does_not_fit_the_devices_is_refused():

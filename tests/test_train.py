@@ -5,11 +5,12 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from parscale_jax import cli
 from parscale_jax.checkpoint import Checkpointer
 from parscale_jax.config import TrainConfig, load_config
-from parscale_jax.model import abstract_params, init_params, model_graphdef
+from parscale_jax.model import init_params, model_graphdef, param_info
 from parscale_jax.train import (
     create_state_fn,
     learning_rate_schedule,
@@ -62,10 +63,17 @@ def test_z_loss_adds_the_squared_log_partition():
     graphdef = model_graphdef(config.model)
     params = jax.jit(lambda: init_params(config.model, 0))()
     batch = random_batch(8, 32, 320)
-    plain, (ce, _) = loss_sums(params, graphdef, batch, 0.0)
-    with_z, (ce_z, _) = loss_sums(params, graphdef, batch, 1e-2)
+    plain, (ce, _, _) = loss_sums(params, graphdef, batch, 0.0)
+    with_z, (ce_z, _, _) = loss_sums(params, graphdef, batch, 1e-2)
     assert float(ce) == float(ce_z) == float(plain)
-    assert float(with_z) > float(plain)
+    # log Z of every target position, from the logits in float64, weighted by the loss mask.
+    logits, _ = nnx.merge(graphdef, nnx.State(params))(batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(axis=-1)
+    log_z = top + np.log(np.exp(logits - top[..., None]).sum(axis=-1))
+    expected = 1e-2 * np.sum(log_z**2 * batch["loss_mask"])
+    assert expected > 1.0  # log Z is about ln(320) at initialization: the term is not negligible
+    np.testing.assert_allclose(float(with_z) - float(plain), expected, rtol=1e-4)
 
 
 def test_schedules():
@@ -81,8 +89,7 @@ def test_schedules():
 
 def test_no_weight_decay_on_norms_and_biases():
     config = tiny_config()
-    params = abstract_params(config.model)
-    mask = weight_decay_mask(params)
+    mask = weight_decay_mask(param_info(config.model))
     assert mask["layers"]["self_attn"]["q_proj"] == {"kernel": True, "bias": False}
     assert mask["layers"]["input_layernorm"]["weight"] is False and mask["norm"]["weight"] is False
     assert mask["aggregate_in_bias"] is False and mask["aggregate_in_kernel"] is True
@@ -144,3 +151,52 @@ def test_eval_command_reports_held_out_and_text_file_loss(tmp_path, capsys):
     assert cli.main(["eval", "--run-dir", str(run_dir), "--text", str(text), "--out", str(tmp_path / "e.json")]) == 0
     on_text = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert on_text["source"] == str(text) and on_text["loss"] != held_out["loss"]
+
+
+def test_evaluation_runs_on_its_own_cadence_and_its_time_is_not_throughput(tmp_path, monkeypatch):
+    """log_every=3, eval_every=4: evaluations at 4, 8, 12 (not only on logging steps), and tokens/s
+    counts training time only. The clock is a fake one: evaluating costs 1000 s on it."""
+    from parscale_jax import train as train_module
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1e-3  # every reading moves the clock a little
+        return clock[0]
+
+    real_mean_loss = train_module.mean_loss
+
+    def slow_mean_loss(*args):
+        clock[0] += 1000.0
+        return real_mean_loss(*args)
+
+    monkeypatch.setattr(train_module.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(train_module, "mean_loss", slow_mean_loss)
+    config = tiny_config("train.steps=12", "train.log_every=3", "train.eval_every=4")
+    last = train(config, tmp_path, progress=False)
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [3, 4, 6, 8, 9, 12]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [4, 8, 12]
+    assert [m["step"] for m in metrics if "loss" in m] == [3, 6, 9, 12]
+    # 3 steps x 256 tokens in well under a second of training: with an evaluation's 1000 s it would be < 1.
+    assert all(m["tokens_per_s"] > 1000 for m in metrics if "tokens_per_s" in m)
+    assert last["step"] == 12 and "eval_loss" in last and "loss" in last
+
+
+def test_a_fresh_run_records_its_lineage(tmp_path):
+    train(tiny_config("train.steps=2"), tmp_path, progress=False)
+    lineage = json.loads((tmp_path / "lineage.json").read_text())
+    assert lineage["made_from"] == "init" and lineage["seed"] == 0
+
+
+def test_eval_of_a_text_shorter_than_one_row(tmp_path, capsys):
+    """Every target of the text counts, however short: 40 bytes + end of document = 40 targets."""
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--run-dir", str(run_dir), "--no-progress", *TINY, "train.steps=2",
+                     "train.eval_every=0"]) == 0
+    text = tmp_path / "short.txt"
+    text.write_text("x" * 40)
+    capsys.readouterr()
+    assert cli.main(["eval", "--run-dir", str(run_dir), "--text", str(text), "data.seq_len=64"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["target_tokens"] == 40 and 0 < result["loss"] < 10

@@ -1,0 +1,27 @@
+"""The model: lm.py (the decoder), attention.py, ffn.py, layers.py, params.py (declared parameters).
+
+The registries a config chooses from: `FFN_TYPES` (model.ffn), `ATTENTION_KERNELS` (model.attention)
+and `REMAT_POLICIES` (model.remat).
+"""
+
+from parscale_jax.model.attention import KERNELS as ATTENTION_KERNELS
+from parscale_jax.model.attention import KVCache, attention_mask
+from parscale_jax.model.ffn import FFN_TYPES
+from parscale_jax.model.layers import Aux, apply_rope, rope_tables
+from parscale_jax.model.lm import (
+    REMAT_POLICIES,
+    ParScaleLM,
+    abstract_params,
+    init_params,
+    merge_params,
+    model_graphdef,
+    param_info,
+    prefix_slots,
+    scan_layers,
+    split_params,
+)
+from parscale_jax.model.params import DECAYED, ParamInfo, ParScaleParam
+
+__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "Aux", "KVCache", "ParScaleLM",
+           "ParScaleParam", "ParamInfo", "abstract_params", "apply_rope", "attention_mask", "init_params",
+           "merge_params", "model_graphdef", "param_info", "prefix_slots", "rope_tables", "scan_layers", "split_params"]

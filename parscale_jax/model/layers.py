@@ -1,0 +1,75 @@
+"""Building blocks shared by the model's modules: declared linear layers, RMSNorm, rotary embeddings,
+and `Aux`, the side outputs (auxiliary losses, statistics) that layers hand up to the training step."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parscale_jax.model.config import ModelConfig
+from parscale_jax.model.params import declare
+
+
+class Aux(NamedTuple):
+    """Scalars a forward pass reports besides its logits, by name.
+
+    `losses` are added to the training objective as they are (each module weighs its own, as a mean
+    over tokens); `stats` are only logged. Per-layer values are averaged over layers and streams.
+    """
+
+    losses: dict[str, jax.Array]
+    stats: dict[str, jax.Array]
+
+    @staticmethod
+    def none() -> Aux:
+        return Aux({}, {})
+
+    def merge(self, other: Aux) -> Aux:
+        return Aux({**self.losses, **other.losses}, {**self.stats, **other.stats})
+
+    def mean(self) -> Aux:
+        """Each value averaged over its leading axes (layers, streams), down to a scalar."""
+        return jax.tree.map(jnp.mean, self)
+
+
+def normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def linear(cfg: ModelConfig, rngs: nnx.Rngs, d_in: int, d_out: int, axes: tuple[str, str],
+           bias: bool = False) -> nnx.Linear:
+    """A `[d_in, d_out]` kernel (and bias) in the model's dtypes, declaring its logical axes."""
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                      kernel_init=normal(cfg.init_std), kernel_metadata=declare(axes, "matrix"),
+                      bias_metadata=declare(axes[1:], "bias"), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.weight = nnx.Param(jnp.ones((cfg.hidden_size,), jnp.dtype(cfg.param_dtype)), **declare(("norm",), "norm"))
+        self.eps = cfg.rms_norm_eps
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalize in float32 (as Qwen2 does), scale in the compute dtype.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_tables(positions_BS: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables `[B, S, H]` for rotate-half rotary embeddings (the Qwen2/Llama layout)."""
+    inv_freq_h = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BSh = positions_BS.astype(jnp.float32)[..., None] * inv_freq_h
+    angles_BSH = jnp.concatenate([angles_BSh, angles_BSh], axis=-1)
+    return jnp.cos(angles_BSH), jnp.sin(angles_BSH)
+
+
+def apply_rope(x_BSXH: jax.Array, cos_BSH: jax.Array, sin_BSH: jax.Array) -> jax.Array:
+    half = x_BSXH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BSXH[..., half:], x_BSXH[..., :half]], axis=-1)
+    cos, sin = cos_BSH[:, :, None, :].astype(x_BSXH.dtype), sin_BSH[:, :, None, :].astype(x_BSXH.dtype)
+    return x_BSXH * cos + rotated * sin

@@ -1,0 +1,245 @@
+"""The ParScale decoder (SPEC §1): embedding → P streams of the shared layers → aggregation → LM head.
+
+A Qwen2/Llama-style backbone runs over P parallel streams of the same input. The streams share
+every backbone weight and differ only by a learned per-layer key/value prefix; their final hidden
+states are mixed by an input-dependent softmax weighting before the shared LM head.
+
+Module names follow the Hugging Face state-dict names (`embed_tokens`, `layers.self_attn.q_proj`,
+...), so conversion is close to an identity. The L layers are stacked (every layer weight has a
+leading `[L]` axis) and run under one `lax.scan`; the streams are a `jax.vmap` axis over that scan.
+Training, prefill and decoding all go through `forward`; only the attention mask and the KV source
+differ (attention.py).
+
+Shape suffixes: B batch, S sequence, D hidden, N query heads, K kv heads, G query heads per kv head,
+H head_dim, T prefix tokens, C key/value slots (T + S, or the cache length), P streams, F MLP width,
+V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parscale_jax.model.attention import Attention, KVCache, attention_mask
+from parscale_jax.model.config import ModelConfig
+from parscale_jax.model.ffn import FFN_TYPES
+from parscale_jax.model.layers import Aux, RMSNorm, normal, rope_tables
+from parscale_jax.model.params import ParScaleParam, declare, describe, merge_parts, split_parscale
+from parscale_jax.sharding import constrain
+
+# model.remat -> what a layer keeps for the backward pass ("none": everything, no rematerialization).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+}
+
+
+def prefix_slots(cfg: ModelConfig) -> int:
+    """Prefix tokens every stream's attention adds in each layer: T, none without streams."""
+    return cfg.parscale_n_tokens if cfg.parscale_n > 1 else 0
+
+
+class Block(nnx.Module):
+    """Pre-norm attention, then the feed-forward block chosen by `model.ffn`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg)
+        self.mlp = FFN_TYPES[cfg.ffn](cfg, rngs)
+
+    def __call__(self, x_BSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
+        attended_BSD, cache = self.self_attn(self.input_layernorm(x_BSD), cos_BSH, sin_BSH, mask_BSC, cache)
+        x_BSD = x_BSD + attended_BSD
+        mlp_BSD, aux = self.mlp(self.post_attention_layernorm(x_BSD))
+        return x_BSD + mlp_BSD, cache, aux
+
+
+def scan_layers(layers_def, shared_state, prefix_state, x_BSD, cos_BSH, sin_BSH, mask_BSC, kv=None, index=None,
+                remat: str = "none"):
+    """One stream through the L stacked layers under `lax.scan`: (hidden states, kv, Aux per layer).
+
+    `shared_state` holds the layer weights `[L, ...]`; `prefix_state` this stream's prefixes
+    `[L, K, T, H]` (empty when P = 1); `kv` this stream's cache keys and values `[L, B, C, K, H]`,
+    written at slot `index` (None in training, where the layers are rematerialized by `remat`).
+    """
+
+    def layer(x_BSD, per_layer):
+        shared, prefix, layer_kv = per_layer
+        block = nnx.merge(layers_def, shared, prefix)
+        cache = None if layer_kv is None else KVCache(*layer_kv, index)
+        x_BSD, cache, aux = block(x_BSD, cos_BSH, sin_BSH, mask_BSC, cache)
+        layer_kv = None if cache is None else (cache.k, cache.v)
+        return constrain(x_BSD, ("batch", "length", "act_embed")), (layer_kv, aux)
+
+    if remat != "none" and kv is None:
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    h_BSD, (kv, aux) = jax.lax.scan(layer, x_BSD, (shared_state, prefix_state, kv))
+    return h_BSD, kv, aux
+
+
+class ParScaleLM(nnx.Module):
+    """Embedding → P streams of the shared decoder → aggregation → LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        D, P = cfg.hidden_size, cfg.parscale_n
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, D, dtype=dtype, param_dtype=param_dtype,
+                                      embedding_init=normal(cfg.init_std), rngs=rngs,
+                                      embedding_metadata=declare(("vocab", "embed"), "embedding"))
+
+        # L blocks with their weights stacked on a leading axis, which every parameter declares.
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
+        def make_layers(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(D, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                      kernel_init=normal(cfg.init_std), rngs=rngs,
+                                      kernel_metadata=declare(("embed", "vocab"), "embedding"))
+        if P > 1:
+            # Input features are stream-major (p * D + d); the Hugging Face format interleaves
+            # them (d * P + p), which the converter permutes.
+            init = normal(cfg.init_std)
+            self.aggregate_in_kernel = ParScaleParam(init(rngs.params(), (P * D, D), param_dtype),
+                                                     **declare(("stream_embed", "embed"), "matrix"))
+            self.aggregate_in_bias = ParScaleParam(jnp.zeros((D,), param_dtype), **declare(("norm",), "bias"))
+            self.aggregate_out_kernel = ParScaleParam(init(rngs.params(), (D, P), param_dtype),
+                                                      **declare(("embed", "stream"), "matrix"))
+            self.aggregate_out_bias = ParScaleParam(jnp.zeros((P,), param_dtype), **declare(("stream",), "bias"))
+
+    def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None) -> tuple[jax.Array, Aux]:
+        """(logits `[B, S, V]`, aux) of whole sequences. Positions default to 0..S-1, segment ids to
+        one segment per row (0 marks padding)."""
+        if positions_BS is None:
+            positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
+        if segment_ids_BS is None:
+            segment_ids_BS = jnp.ones_like(tokens_BS)
+        mask_BSC = attention_mask(segment_ids_BS, prefix_slots(self.config))
+        logits_BSV, aux, _ = self.forward(tokens_BS, positions_BS, mask_BSC)
+        return logits_BSV, aux
+
+    def decode(self, tokens_BS, positions_BS, cache: KVCache, visible_BSC) -> tuple[jax.Array, KVCache]:
+        """(logits `[B, S, V]`, the updated cache) of S new tokens, written into the cache at
+        `cache.index`; `visible_BSC` says which cache slots each new token sees (generate.py)."""
+        logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, visible_BSC, cache)
+        return logits_BSV, cache
+
+    def forward(self, tokens_BS, positions_BS, mask_BSC, cache: KVCache | None = None):
+        """(logits, aux, cache): the one forward path of training, prefill and decoding."""
+        cfg = self.config
+        cos_BSH, sin_BSH = rope_tables(positions_BS, cfg.head_dim, cfg.rope_theta)
+        x_BSD = constrain(self.embed_tokens(tokens_BS), ("batch", "length", "act_embed"))  # shared by all streams
+        h_PBSD, aux, cache = self.streams(x_BSD, cos_BSH, sin_BSH, mask_BSC, cache)
+        h_BSD, weights_BSP = self.aggregate(h_PBSD)
+        if cfg.parscale_n > 1:
+            entropy_BS = -jnp.sum(weights_BSP * jnp.log(weights_BSP), axis=-1)
+            aux = aux.merge(Aux({}, {"stream_weight_entropy": jnp.mean(entropy_BS)}))
+        logits_BSV = constrain(self.lm_logits(h_BSD), ("batch", "length", "act_vocab"))
+        return logits_BSV, aux, cache
+
+    def streams(self, x_BSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
+        """(final-normed hidden states of every stream `[P, B, S, D]`, aux averaged over layers and
+        streams, the updated cache or None)."""
+        cfg = self.config
+        layers_def, prefix_state, shared_state = nnx.split(self.layers, ParScaleParam, ...)
+        index = None if cache is None else cache.index
+
+        def one_stream(shared_state, prefix_state, kv):
+            h_BSD, kv, aux = scan_layers(layers_def, shared_state, prefix_state, x_BSD, cos_BSH, sin_BSH, mask_BSC,
+                                         kv, index, cfg.remat)
+            return self.norm(h_BSD), kv, aux
+
+        kv = None if cache is None else (cache.k, cache.v)
+        if cfg.parscale_n == 1:  # no stream axis to map over; the cache keeps one of size 1
+            h_BSD, kv, aux = one_stream(shared_state, prefix_state, jax.tree.map(lambda x: x[:, 0], kv))
+            h_PBSD, kv = h_BSD[None], jax.tree.map(lambda x: x[:, None], kv)
+        else:
+            # Shared weights broadcast, prefixes and caches `[L, P, ...]` mapped over P. The stream
+            # axis is named so that sharding constraints inside place it on the `stream` mesh axis.
+            h_PBSD, kv, aux = jax.vmap(one_stream, in_axes=(None, 1, 1), out_axes=(0, 1, 0),
+                                       spmd_axis_name="stream")(shared_state, prefix_state, kv)
+        cache = None if cache is None else KVCache(*kv, cache.index + x_BSD.shape[1])
+        return h_PBSD, aux.mean(), cache
+
+    def aggregate(self, h_PBSD) -> tuple[jax.Array, jax.Array]:
+        """Input-dependent softmax mix of the streams: `(h_BSD, weights_BSP)`, in float32 inside."""
+        P, B, S, D = h_PBSD.shape
+        if P == 1:
+            return h_PBSD[0], jnp.ones((B, S, 1), jnp.float32)
+        dtype = jnp.dtype(self.config.dtype)
+        x_BSF = jnp.moveaxis(h_PBSD, 0, 2).reshape(B, S, P * D)
+        hidden_BSD = nnx.silu(x_BSF @ self.aggregate_in_kernel[...].astype(dtype)
+                              + self.aggregate_in_bias[...].astype(dtype))
+        logits_BSP = (hidden_BSD @ self.aggregate_out_kernel[...].astype(dtype)
+                      + self.aggregate_out_bias[...].astype(dtype))
+        weights_BSP = jax.nn.softmax(logits_BSP.astype(jnp.float32), axis=-1)
+        eps = self.config.parscale_attn_smooth
+        weights_BSP = weights_BSP * (1.0 - eps) + eps / P
+        h_BSD = jnp.einsum("bsp,pbsd->bsd", weights_BSP, h_PBSD.astype(jnp.float32))
+        return h_BSD.astype(h_PBSD.dtype), weights_BSP
+
+    def lm_logits(self, h_BSD) -> jax.Array:
+        if self.config.tie_embeddings:
+            return self.embed_tokens.attend(h_BSD)
+        return self.lm_head(h_BSD)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache `[L, P, B, T + max_len, K, H]` with each stream's prefix in slots [0, T)."""
+        cfg = self.config
+        L, P, K, H, T = cfg.num_layers, cfg.parscale_n, cfg.num_kv_heads, cfg.head_dim, prefix_slots(cfg)
+        dtype = jnp.dtype(cfg.dtype)
+        kv = []
+        for name in ("prefix_k", "prefix_v"):
+            cache_LPBCKH = jnp.zeros((L, P, batch, T + max_len, K, H), dtype)
+            if T:
+                prefix_LPTKH = getattr(self.layers.self_attn, name)[...].transpose(0, 1, 3, 2, 4).astype(dtype)
+                cache_LPBCKH = cache_LPBCKH.at[:, :, :, :T].set(
+                    jnp.broadcast_to(prefix_LPTKH[:, :, None], (L, P, batch, T, K, H)))
+            kv.append(cache_LPBCKH)
+        return KVCache(*kv, jnp.int32(T))
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameter tree: nested dicts of arrays, as the train state and checkpoints hold them.
+
+
+def model_graphdef(cfg: ModelConfig) -> nnx.GraphDef:
+    """The model's structure, without allocating any parameter."""
+    return nnx.graphdef(nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0))))
+
+
+@functools.lru_cache(maxsize=64)
+def param_info(cfg: ModelConfig) -> dict:
+    """A `ParamInfo` (shape, logical axes, kind) for every parameter, shaped like the parameter dict."""
+    model = nnx.eval_shape(lambda: ParScaleLM(cfg, rngs=nnx.Rngs(0)))
+    flat = {path: describe(variable) for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return nnx.traversals.unflatten_mapping(flat)
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict:
+    """Freshly initialized parameters as a nested dict (call under `jax.jit` for speed)."""
+    return nnx.to_pure_dict(nnx.state(ParScaleLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The parameter tree's shapes and dtypes (ShapeDtypeStructs), allocating nothing."""
+    return jax.eval_shape(lambda: init_params(cfg, 0))
+
+
+def split_params(params: dict, cfg: ModelConfig) -> tuple[dict, dict]:
+    """(ParScale parameters: prefixes and aggregator, backbone parameters) of a parameter dict."""
+    return split_parscale(params, param_info(cfg))
+
+
+merge_params = merge_parts  # one parameter dict from disjoint parts, the inverse of `split_params`
+
