@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -447,7 +448,8 @@ def _quiet_library_errors() -> None:
 
 def _close_abandoned_coroutines() -> None:
     for obj in gc.get_objects():
-        if inspect.iscoroutine(obj) and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED:
+        # The exact type, not isinstance: that reads `__class__`, which some modules' objects warn on.
+        if type(obj) is types.CoroutineType and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED:
             obj.close()
 
 
