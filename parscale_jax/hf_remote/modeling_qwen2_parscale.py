@@ -128,26 +128,21 @@ class Qwen2ParScaleAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
-        # Grouped-query attention without copying the keys: the `groups` query heads sharing a KV head are stacked
-        # along the query axis. Folded head p * n_heads + h uses KV head p * n_kv + h // groups, which is what
-        # reshaping [B, P, n_heads, ...] into [B, P * n_kv, groups * S, ...] lines up.
-        q = q.reshape(batch, self.n_streams * self.n_kv_heads, groups * seq_len, self.head_dim)
-        scores = torch.matmul(q, k.transpose(-1, -2))
         if self.n_prefix:
             # Stream p's keys are [prefix_k[p] ; tokens]. The prefix (no RoPE) is read from the parameters at every
             # call instead of being stored in the cache, so the cache length counts real tokens only, which is what
             # `generate` assumes when it resumes from a cache or crops one.
-            scores = torch.cat([torch.matmul(q, self._folded(self.prefix_k).transpose(-1, -2)), scores], dim=-1)
-        n_keys = scores.shape[-1]
-        scores = (scores * self.scaling).view(batch, -1, groups, seq_len, n_keys).float() + attention_mask[:, :, None]
-        probs = nn.functional.softmax(scores, dim=-1).to(v.dtype)
-        probs = nn.functional.dropout(probs, p=self.dropout, training=self.training)
-        probs = probs.view(batch, -1, groups * seq_len, n_keys)
-        out = torch.matmul(probs[..., self.n_prefix:], v)
-        if self.n_prefix:
-            out = out + torch.matmul(probs[..., : self.n_prefix], self._folded(self.prefix_v))
+            k = torch.cat([self._folded(self.prefix_k).expand(batch, -1, -1, -1).to(k.dtype), k], dim=2)
+            v = torch.cat([self._folded(self.prefix_v).expand(batch, -1, -1, -1).to(v.dtype), v], dim=2)
+        # Folded head p * n_heads + h uses KV head p * n_kv + h // groups: grouped-query attention on the folded
+        # heads lines up. The additive mask is float32 with a finite minimum, so a query that sees no key gets a
+        # uniform distribution, as the reference implementation computes.
+        q = q.reshape(batch, self.n_streams * self.n_heads, seq_len, self.head_dim)
+        out = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype), dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scaling, enable_gqa=groups > 1)
 
-        # [B, P * n_kv, groups * S, head_dim] is [B, P, n_heads, S, head_dim]; back to stream-major rows.
+        # [B, P * n_heads, S, head_dim] is [B, P, n_heads, S, head_dim]; back to stream-major rows.
         out = out.view(batch, self.n_streams, self.n_heads, seq_len, self.head_dim).permute(1, 0, 3, 2, 4)
         return self.o_proj(out.reshape(rows, seq_len, self.n_heads * self.head_dim))
 

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from parscale_jax.model.config import ModelConfig
-from parscale_jax.model.layers import apply_rope, linear, normal
+from parscale_jax.model.layers import Linear, apply_rope, normal
 from parscale_jax.model.params import ParScaleParam, declare
 
 
@@ -73,10 +73,10 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = linear(cfg, rngs, D, N * H, ("embed", "heads"), bias=cfg.qkv_bias)
-        self.k_proj = linear(cfg, rngs, D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias)
-        self.v_proj = linear(cfg, rngs, D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias)
-        self.o_proj = linear(cfg, rngs, N * H, D, ("heads", "embed"))
+        self.q_proj = Linear(cfg, rngs, D, N * H, ("embed", "heads"), bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg, rngs, D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg, rngs, D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg, rngs, N * H, D, ("heads", "embed"))
         if cfg.parscale_n > 1:
             shape = (cfg.parscale_n, K, cfg.parscale_n_tokens, H)
             axes = declare(("stream", "kv_heads", "prefix", "head_dim"), "prefix")

@@ -12,7 +12,7 @@ import jax
 from flax import nnx
 
 from parscale_jax.model.config import ModelConfig
-from parscale_jax.model.layers import Aux, linear
+from parscale_jax.model.layers import Aux, Linear
 
 
 class SwiGLU(nnx.Module):
@@ -20,9 +20,9 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = linear(cfg, rngs, D, F, ("embed", "mlp"))
-        self.up_proj = linear(cfg, rngs, D, F, ("embed", "mlp"))
-        self.down_proj = linear(cfg, rngs, F, D, ("mlp", "embed"))
+        self.gate_proj = Linear(cfg, rngs, D, F, ("embed", "mlp"))
+        self.up_proj = Linear(cfg, rngs, D, F, ("embed", "mlp"))
+        self.down_proj = Linear(cfg, rngs, F, D, ("mlp", "embed"))
 
     def __call__(self, x_BSD: jax.Array) -> tuple[jax.Array, Aux]:
         return self.down_proj(nnx.silu(self.gate_proj(x_BSD)) * self.up_proj(x_BSD)), Aux.none()

@@ -26,7 +26,7 @@ from flax import nnx
 from parscale_jax.model.attention import Attention, KVCache, attention_mask
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.model.ffn import FFN_TYPES
-from parscale_jax.model.layers import Aux, RMSNorm, normal, rope_tables
+from parscale_jax.model.layers import Aux, Linear, RMSNorm, normal, rope_tables
 from parscale_jax.model.params import ParScaleParam, declare, describe, merge_parts, split_parscale
 from parscale_jax.sharding import constrain
 
@@ -103,9 +103,7 @@ class ParScaleLM(nnx.Module):
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = nnx.Linear(D, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                      kernel_init=normal(cfg.init_std), rngs=rngs,
-                                      kernel_metadata=declare(("embed", "vocab"), "embedding"))
+            self.lm_head = Linear(cfg, rngs, D, cfg.vocab_size, ("embed", "vocab"), kind="embedding")
         if P > 1:
             # Input features are stream-major (p * D + d); the Hugging Face format interleaves
             # them (d * P + p), which the converter permutes.
