@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parscale_jax import plotting
+from parscale_jax import bench_torch, plotting
 from parscale_jax.config import Config, ModelConfig, SamplingConfig
 from parscale_jax.counting import non_embedding_params, train_flops_per_token
 from parscale_jax.generate import Generator
@@ -60,9 +60,36 @@ def _decode_figures(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: i
             "memory_bytes": full.decode_memory_bytes(params)}
 
 
+def weight_products_s(cfg: ModelConfig, rows: int, repeats: int) -> float:
+    """The floor of a decode step: the time its weight products alone take at `rows` rows (B·P: the
+    streams share the weights), every layer's q, k, v, o, gate, up, down and the LM head, chained so
+    that none can be skipped."""
+    D, F, N, K, H, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.num_layers)
+    shapes = {"q": (D, N * H), "k": (D, K * H), "v": (D, K * H), "o": (N * H, D), "gate": (D, F), "up": (D, F),
+              "down": (F, D)}
+    keys = iter(jax.random.split(jax.random.key(0), L * len(shapes) + 2))
+    weights = [{name: 0.02 * jax.random.normal(next(keys), shape) for name, shape in shapes.items()} for _ in range(L)]
+    head = 0.02 * jax.random.normal(next(keys), (D, cfg.vocab_size))
+
+    def products(x_RD, weights, head):
+        for w in weights:
+            q_RN, k_RK, v_RK = x_RD @ w["q"], x_RD @ w["k"], x_RD @ w["v"]
+            x_RD = (q_RN + jnp.tile(k_RK + v_RK, N // K)) @ w["o"]
+            x_RD = ((x_RD @ w["gate"]) * (x_RD @ w["up"])) @ w["down"]
+        return x_RD @ head
+
+    step = jax.jit(products)
+    x_RD = jax.random.normal(next(keys), (rows, D))
+    step(x_RD, weights, head).block_until_ready()
+    return _median_seconds(lambda: step(x_RD, weights, head), max(repeats, 5) * 4)
+
+
 def decode_cost(model: ModelConfig, streams=(1, 2, 4, 8), batches=(1, 2, 4, 8), prompt_len: int = 64,
-                new_tokens: int = 32, repeats: int = 3) -> list[dict[str, Any]]:
-    """Per-token decode latency and memory for every P x batch, with ratios to P = 1 at the same batch."""
+                new_tokens: int = 32, repeats: int = 3, peer: str | None = None) -> list[dict[str, Any]]:
+    """Per-token decode latency and memory for every P x batch, with ratios to P = 1 at the same batch,
+    and to the floor (the weight products alone at B·P rows); with `peer="torch"` the PyTorch
+    implementation's latency too, measured right after ours."""
     rows = []
     for batch in batches:
         base = None
@@ -70,10 +97,16 @@ def decode_cost(model: ModelConfig, streams=(1, 2, 4, 8), batches=(1, 2, 4, 8), 
             cfg = dataclasses.replace(model, parscale_n=P)
             figures = _decode_figures(cfg, batch, prompt_len, new_tokens, repeats)
             base = base or figures
-            rows.append({"P": P, "batch": batch, **figures,
-                         # A latency too small to tell from timing noise has no ratio.
-                         "latency_ratio": 1.0 if figures is base else _ratio(figures["latency_s"], base["latency_s"]),
-                         "memory_ratio": figures["memory_bytes"] / base["memory_bytes"]})
+            floor_s = weight_products_s(cfg, batch * P, repeats)
+            row = {"P": P, "batch": batch, **figures,
+                   # A latency too small to tell from timing noise has no ratio.
+                   "latency_ratio": 1.0 if figures is base else _ratio(figures["latency_s"], base["latency_s"]),
+                   "memory_ratio": figures["memory_bytes"] / base["memory_bytes"],
+                   "floor_s": floor_s, "vs_floor": _ratio(figures["latency_s"], floor_s)}
+            if peer == "torch":
+                row["peer_latency_s"] = bench_torch.decode_latency_s(cfg, batch, prompt_len, new_tokens, repeats)
+                row["vs_peer"] = _ratio(row["peer_latency_s"], figures["latency_s"])
+            rows.append(row)
     return rows
 
 
@@ -130,7 +163,7 @@ def _shown(ratio: float | None, digits: int = 2) -> str:
     return "n/a" if ratio is None else f"{ratio:.{digits}f}"
 
 
-def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large float32 matrix product on the default device: the MFU denominator."""
     a = jnp.ones((size, size), jnp.float32)
     product = jax.jit(lambda x: x @ x)
@@ -138,8 +171,9 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / _median_seconds(lambda: product(a), repeats)
 
 
-def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5) -> list[dict[str, Any]]:
-    """Training tokens/s and model FLOP utilization for every P, the peak measured in the same run."""
+def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5, peer: str | None = None) -> list[dict[str, Any]]:
+    """Training tokens/s and model FLOP utilization for every P, the peak measured in the same run;
+    with `peer="torch"` the PyTorch implementation's tokens/s too, measured right after ours."""
     from parscale_jax.train import create_state_fn, jit_train_step
 
     peak = matmul_peak_flops()
@@ -166,8 +200,13 @@ def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5) -> li
         tokens_per_s = B * S / seconds
         flops = tokens_per_s * train_flops_per_token(cfg.model, S)
         base = base or tokens_per_s
-        rows.append({"P": P, "tokens_per_s": tokens_per_s, "model_flops_per_s": flops, "peak_flops_per_s": peak,
-                     "mfu": flops / peak, "throughput_ratio": tokens_per_s / base})
+        row = {"P": P, "tokens_per_s": tokens_per_s, "model_flops_per_s": flops, "peak_flops_per_s": peak,
+               "mfu": flops / peak, "throughput_ratio": tokens_per_s / base}
+        if peer == "torch":
+            peer_tokens_per_s = bench_torch.train_tokens_per_s(cfg, steps)
+            row.update(peer_tokens_per_s=peer_tokens_per_s, peer_mfu=peer_tokens_per_s * flops / tokens_per_s / peak,
+                       vs_peer=tokens_per_s / peer_tokens_per_s)
+        rows.append(row)
     return rows
 
 
@@ -185,9 +224,13 @@ def write_report(name: str, rows: list[dict[str, Any]], out_dir: str | Path, met
 
 def format_table(name: str, rows: list[dict[str, Any]]) -> str:
     if name == "decode":
-        header = "   P  batch  ms/token  latency x  decode memory (MiB)  memory x"
+        header = "   P  batch  ms/token  latency x  decode memory (MiB)  memory x  floor ms  x floor"
         lines = [f"{r['P']:4d}  {r['batch']:5d}  {r['latency_s'] * 1e3:8.2f}  {_shown(r['latency_ratio']):>9}  "
-                 f"{r['memory_bytes'] / 2**20:19.2f}  {r['memory_ratio']:8.2f}" for r in rows]
+                 f"{r['memory_bytes'] / 2**20:19.2f}  {r['memory_ratio']:8.2f}  {r['floor_s'] * 1e3:8.2f}  "
+                 f"{_shown(r['vs_floor']):>7}" for r in rows]
+        if "vs_peer" in rows[0]:
+            header += "  torch ms/token  torch / ours"
+            lines = [f"{line}  {r['peer_latency_s'] * 1e3:14.2f}  {_shown(r['vs_peer']):>12}" for line, r in zip(lines, rows)]
     elif name == "equal-loss":
         header = ("   P  batch  dense params/base  memory +: dense / ParScale  latency +: dense / ParScale  "
                   "memory-increase x  latency-increase x")
@@ -201,6 +244,10 @@ def format_table(name: str, rows: list[dict[str, Any]]) -> str:
     else:
         header = "   P  tokens/s  throughput x    MFU"
         lines = [f"{r['P']:4d}  {r['tokens_per_s']:8.0f}  {r['throughput_ratio']:12.2f}  {r['mfu']:6.1%}" for r in rows]
+        if "vs_peer" in rows[0]:
+            header += "   torch tokens/s  torch MFU  ours / torch"
+            lines = [f"{line}   {r['peer_tokens_per_s']:14.0f}  {r['peer_mfu']:9.1%}  {r['vs_peer']:12.2f}"
+                     for line, r in zip(lines, rows)]
     return "\n".join([header, *lines])
 
 

@@ -59,7 +59,7 @@ def train_tokens_per_s(config: Config, steps: int) -> float:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     step()  # warm up: allocations, lazy initialization
     start = time.perf_counter()

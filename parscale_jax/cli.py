@@ -208,12 +208,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in names:
         started = time.perf_counter()
         if name == "decode":
-            rows = bench.decode_cost(config.model, args.streams, args.batches, **decode_options)
+            rows = bench.decode_cost(config.model, args.streams, args.batches, **decode_options, peer=args.peer)
         elif name == "equal-loss":
             rows = bench.equal_loss(config.model, tuple(p for p in args.streams if p > 1), args.batches,
                                     **decode_options)
         else:
-            rows = bench.train_throughput(config, args.streams, args.steps)
+            rows = bench.train_throughput(config, args.streams, args.steps, args.peer)
         meta_run = {**meta, "seconds": round(time.perf_counter() - started, 1),
                     "options": {**decode_options, "steps": args.steps}}
         path = bench.write_report(name, rows, args.out, meta_run)
@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--new-tokens", type=int, default=32)
         one.add_argument("--repeats", type=int, default=3, help="timings are the median of this many runs")
         one.add_argument("--steps", type=int, default=5, help="timed training steps")
+        one.add_argument("--peer", choices=("torch",), help="also measure the PyTorch implementation side by side "
+                         "(parscale_jax/hf_remote/ with torch AdamW; torch comes with the test extra)")
         one.add_argument("overrides", nargs="*", metavar="section.key=value")
         one.set_defaults(func=cmd_bench)
 

@@ -59,10 +59,7 @@ def spec(logical_axes: tuple[str | None, ...], rules: Mapping[str, str | None] =
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
-    """Pin an activation's layout when a mesh is set (`jax.set_mesh`); a no-op without one.
-
-    Inside the stream vmap (spmd_axis_name="stream") the stream axis is added by JAX.
-    """
+    """Pin an activation's layout when a mesh is set (`jax.set_mesh`); a no-op without one."""
     if jax.sharding.get_abstract_mesh().empty:
         return x
     return jax.lax.with_sharding_constraint(x, spec(logical_axes))

@@ -25,19 +25,49 @@ from parscale_jax.model.params import ParScaleParam, declare
 
 
 def einsum_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, mask_BSC: jax.Array) -> jax.Array:
-    """Softmax attention written out, scores in float32. A query that sees no slot at all
-    (left padding when P = 1) gets a uniform distribution instead of NaN, as the reference code does."""
+    """Softmax attention written out, scores in float32.
+
+    Heads go first, and the G query heads that share a kv head lie side by side along the queries
+    (Q = G·S), so both products are plain batched matrix products over (batch, kv head). Hidden slots
+    get the float32 minimum added, which leaves exactly that value: a query that sees no slot at all
+    (left padding when P = 1) gets a uniform distribution instead of NaN, as the reference code does.
+    """
     B, S, N, H = q_BSNH.shape
-    K = k_BCKH.shape[2]
-    q_BSKGH = q_BSNH.reshape(B, S, K, N // K, H)
-    scores_BKGSC = jnp.einsum("bskgh,bckh->bkgsc", q_BSKGH, k_BCKH, preferred_element_type=jnp.float32) * H**-0.5
-    scores_BKGSC = jnp.where(mask_BSC[:, None, None], scores_BKGSC, jnp.finfo(jnp.float32).min)
-    probs_BKGSC = jax.nn.softmax(scores_BKGSC, axis=-1).astype(q_BSNH.dtype)
-    return jnp.einsum("bkgsc,bckh->bskgh", probs_BKGSC, v_BCKH).reshape(B, S, N, H)
+    C, K = k_BCKH.shape[1], k_BCKH.shape[2]
+    G = N // K
+    q_BKQH = (q_BSNH * H**-0.5).reshape(B, S, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * S, H)
+    k_BKCH, v_BKCH = k_BCKH.transpose(0, 2, 1, 3), v_BCKH.transpose(0, 2, 1, 3)
+    scores_BKGSC = jnp.einsum("bkqh,bkch->bkqc", q_BKQH, k_BKCH,
+                              preferred_element_type=jnp.float32).reshape(B, K, G, S, C)
+    scores_BKGSC = scores_BKGSC + jnp.where(mask_BSC, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+    probs_BKQC = jax.nn.softmax(scores_BKGSC, axis=-1).astype(q_BSNH.dtype).reshape(B, K, G * S, C)
+    out_BKQH = jnp.einsum("bkqc,bkch->bkqh", probs_BKQC, v_BKCH)
+    return out_BKQH.reshape(B, K, G, S, H).transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)
+
+
+def blockwise_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, mask_BSC: jax.Array,
+                        block: int = 128) -> jax.Array:
+    """`einsum_attention` over blocks of `block` queries, one at a time, each recomputed in the
+    backward pass: the only scores that exist at once are one block's `[block, C]`, so the memory
+    grows linearly in the sequence length (and the scores stay in cache)."""
+    B, S, N, H = q_BSNH.shape
+    if S <= block:
+        return einsum_attention(q_BSNH, k_BCKH, v_BCKH, mask_BSC)
+    blocks = -(-S // block)
+    pad = blocks * block - S  # padded queries see nothing and are dropped
+    q_nBbNH = jnp.pad(q_BSNH, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, blocks, block, N, H).swapaxes(0, 1)
+    mask_nBbC = jnp.pad(mask_BSC, ((0, 0), (0, pad), (0, 0))).reshape(B, blocks, block, -1).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_block(q_BbNH, mask_BbC):
+        return einsum_attention(q_BbNH, k_BCKH, v_BCKH, mask_BbC)
+
+    out_nBbNH = jax.lax.map(lambda blocks: one_block(*blocks), (q_nBbNH, mask_nBbC))
+    return out_nBbNH.swapaxes(0, 1).reshape(B, blocks * block, N, H)[:, :S]
 
 
 # model.attention -> (queries [B,S,N,H], keys [B,C,K,H], values [B,C,K,H], mask [B,S,C]) -> [B,S,N,H]
-KERNELS = {"einsum": einsum_attention}
+KERNELS = {"einsum": einsum_attention, "blockwise": blockwise_attention}
 
 
 def attention_mask(segment_ids_BS: jax.Array, prefix_slots: int) -> jax.Array:
@@ -54,22 +84,22 @@ def attention_mask(segment_ids_BS: jax.Array, prefix_slots: int) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of C slots per row, `[..., B, C, K, H]`: the prefix in [0, T), then the tokens
-    so far. This step's S tokens go to slots [index, index + S); the model moves `index` on after
-    the step. Stacked `[L, P, ...]` for the whole model, one layer and stream inside attention."""
+    """Keys and values of C slots per stream and row, `[..., P, B, C, K, H]`: the prefix in [0, T),
+    then the tokens so far. This step's S tokens go to slots [index, index + S); the model moves
+    `index` on after the step. Stacked `[L, P, ...]` for the whole model, one layer inside attention."""
 
     k: jax.Array
     v: jax.Array
     index: jax.Array  # int32 scalar
 
-    def write(self, k_BSKH: jax.Array, v_BSKH: jax.Array) -> KVCache:
-        at = (0, self.index, 0, 0)
-        return KVCache(jax.lax.dynamic_update_slice(self.k, k_BSKH.astype(self.k.dtype), at),
-                       jax.lax.dynamic_update_slice(self.v, v_BSKH.astype(self.v.dtype), at), self.index)
+    def write(self, k_PBSKH: jax.Array, v_PBSKH: jax.Array) -> KVCache:
+        at = (0, 0, self.index, 0, 0)
+        return KVCache(jax.lax.dynamic_update_slice(self.k, k_PBSKH.astype(self.k.dtype), at),
+                       jax.lax.dynamic_update_slice(self.v, v_PBSKH.astype(self.v.dtype), at), self.index)
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention whose keys/values start with this stream's prefix when P > 1."""
+    """Grouped-query attention in which stream p's keys and values start with its prefix when P > 1."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -87,30 +117,36 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.kernel = KERNELS[cfg.attention]
 
-    def __call__(self, x_BSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
-        """(output `[B, S, D]`, the cache with this step's keys and values written, or None).
+    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
+        """(output `[P, B, S, D]`, the cache with this step's keys and values written, or None).
 
-        Inside the stream vmap the prefixes are this stream's `[K, T, H]`.
+        The projections see the P streams as more rows (they share the weights); only the keys and
+        values differ per stream, by the prefixes `[P, K, T, H]`.
         """
-        B, S, _ = x_BSD.shape
+        P, B, S, _ = x_PBSD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         # Named for the remat policies.
-        q_BSNH = checkpoint_name(self.q_proj(x_BSD), "query_proj").reshape(B, S, N, H)
-        k_BSKH = checkpoint_name(self.k_proj(x_BSD), "key_proj").reshape(B, S, K, H)
-        v_BSKH = checkpoint_name(self.v_proj(x_BSD), "value_proj").reshape(B, S, K, H)
-        q_BSNH, k_BSKH = apply_rope(q_BSNH, cos_BSH, sin_BSH), apply_rope(k_BSKH, cos_BSH, sin_BSH)
+        q_PBSNH = checkpoint_name(self.q_proj(x_PBSD), "query_proj").reshape(P, B, S, N, H)
+        k_PBSKH = checkpoint_name(self.k_proj(x_PBSD), "key_proj").reshape(P, B, S, K, H)
+        v_PBSKH = checkpoint_name(self.v_proj(x_PBSD), "value_proj").reshape(P, B, S, K, H)
+        q_PBSNH, k_PBSKH = apply_rope(q_PBSNH, cos_BSH, sin_BSH), apply_rope(k_PBSKH, cos_BSH, sin_BSH)
 
         if cache is None:  # the prefix (not rotated), then the tokens
-            k_BCKH, v_BCKH = self._after_prefix(k_BSKH, "prefix_k"), self._after_prefix(v_BSKH, "prefix_v")
+            k_PBCKH, v_PBCKH = self._after_prefix(k_PBSKH, "prefix_k"), self._after_prefix(v_PBSKH, "prefix_v")
         else:  # the cache, which already holds the prefix and the earlier tokens
-            cache = cache.write(k_BSKH, v_BSKH)
-            k_BCKH, v_BCKH = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
-        out_BSNH = self.kernel(q_BSNH, k_BCKH, v_BCKH, mask_BSC)
-        return self.o_proj(out_BSNH.reshape(B, S, N * H)), cache
+            cache = cache.write(k_PBSKH, v_PBSKH)
+            k_PBCKH, v_PBCKH = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
+        # The kernel sees one stream at a time; every stream has the same mask.
+        if P == 1:
+            out_PBSNH = self.kernel(q_PBSNH[0], k_PBCKH[0], v_PBCKH[0], mask_BSC)[None]
+        else:
+            out_PBSNH = jax.vmap(self.kernel, in_axes=(0, 0, 0, None))(q_PBSNH, k_PBCKH, v_PBCKH, mask_BSC)
+        return self.o_proj(out_PBSNH.reshape(P, B, S, N * H)), cache
 
-    def _after_prefix(self, x_BSKH: jax.Array, name: str) -> jax.Array:
+    def _after_prefix(self, x_PBSKH: jax.Array, name: str) -> jax.Array:
         if not hasattr(self, name):  # P = 1
-            return x_BSKH
-        prefix_KTH = getattr(self, name)[...].astype(self.dtype)
-        B, (K, T, H) = x_BSKH.shape[0], prefix_KTH.shape
-        return jnp.concatenate([jnp.broadcast_to(prefix_KTH.transpose(1, 0, 2), (B, T, K, H)), x_BSKH], axis=1)
+            return x_PBSKH
+        prefix_PKTH = getattr(self, name)[...].astype(self.dtype)
+        (P, B), (_, K, T, H) = x_PBSKH.shape[:2], prefix_PKTH.shape
+        prefix_PBTKH = jnp.broadcast_to(prefix_PKTH.transpose(0, 2, 1, 3)[:, None], (P, B, T, K, H))
+        return jnp.concatenate([prefix_PBTKH, x_PBSKH], axis=2)

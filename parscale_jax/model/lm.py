@@ -6,7 +6,8 @@ states are mixed by an input-dependent softmax weighting before the shared LM he
 
 Module names follow the Hugging Face state-dict names (`embed_tokens`, `layers.self_attn.q_proj`,
 ...), so conversion is close to an identity. The L layers are stacked (every layer weight has a
-leading `[L]` axis) and run under one `lax.scan`; the streams are a `jax.vmap` axis over that scan.
+leading `[L]` axis) and run under one `lax.scan`; the streams are a leading axis of the activations
+`[P, B, S, D]`, which the matrix products see as more rows of the shared weights.
 Training, prefill and decoding all go through `forward`; only the attention mask and the KV source
 differ (attention.py).
 
@@ -53,34 +54,34 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg)
         self.mlp = FFN_TYPES[cfg.ffn](cfg, rngs)
 
-    def __call__(self, x_BSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
-        attended_BSD, cache = self.self_attn(self.input_layernorm(x_BSD), cos_BSH, sin_BSH, mask_BSC, cache)
-        x_BSD = x_BSD + attended_BSD
-        mlp_BSD, aux = self.mlp(self.post_attention_layernorm(x_BSD))
-        return x_BSD + mlp_BSD, cache, aux
+    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
+        attended_PBSD, cache = self.self_attn(self.input_layernorm(x_PBSD), cos_BSH, sin_BSH, mask_BSC, cache)
+        x_PBSD = x_PBSD + attended_PBSD
+        mlp_PBSD, aux = self.mlp(self.post_attention_layernorm(x_PBSD))
+        return x_PBSD + mlp_PBSD, cache, aux
 
 
-def scan_layers(layers_def, shared_state, prefix_state, x_BSD, cos_BSH, sin_BSH, mask_BSC, kv=None, index=None,
+def scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask_BSC, kv=None, index=None,
                 remat: str = "none"):
-    """One stream through the L stacked layers under `lax.scan`: (hidden states, kv, Aux per layer).
+    """The P streams through the L stacked layers under `lax.scan`: (hidden states, kv, Aux per layer).
 
-    `shared_state` holds the layer weights `[L, ...]`; `prefix_state` this stream's prefixes
-    `[L, K, T, H]` (empty when P = 1); `kv` this stream's cache keys and values `[L, B, C, K, H]`,
-    written at slot `index` (None in training, where the layers are rematerialized by `remat`).
+    `shared_state` holds the layer weights `[L, ...]`; `prefix_state` the prefixes `[L, P, K, T, H]`
+    (empty when P = 1); `kv` the cache keys and values `[L, P, B, C, K, H]`, written at slot `index`
+    (None in training, where the layers are rematerialized by `remat`).
     """
 
-    def layer(x_BSD, per_layer):
+    def layer(x_PBSD, per_layer):
         shared, prefix, layer_kv = per_layer
         block = nnx.merge(layers_def, shared, prefix)
         cache = None if layer_kv is None else KVCache(*layer_kv, index)
-        x_BSD, cache, aux = block(x_BSD, cos_BSH, sin_BSH, mask_BSC, cache)
+        x_PBSD, cache, aux = block(x_PBSD, cos_BSH, sin_BSH, mask_BSC, cache)
         layer_kv = None if cache is None else (cache.k, cache.v)
-        return constrain(x_BSD, ("batch", "length", "act_embed")), (layer_kv, aux)
+        return constrain(x_PBSD, ("stream", "batch", "length", "act_embed")), (layer_kv, aux)
 
     if remat != "none" and kv is None:
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    h_BSD, (kv, aux) = jax.lax.scan(layer, x_BSD, (shared_state, prefix_state, kv))
-    return h_BSD, kv, aux
+    h_PBSD, (kv, aux) = jax.lax.scan(layer, x_PBSD, (shared_state, prefix_state, kv))
+    return h_PBSD, kv, aux
 
 
 class ParScaleLM(nnx.Module):
@@ -146,28 +147,17 @@ class ParScaleLM(nnx.Module):
         return logits_BSV, aux, cache
 
     def streams(self, x_BSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
-        """(final-normed hidden states of every stream `[P, B, S, D]`, aux averaged over layers and
-        streams, the updated cache or None)."""
-        cfg = self.config
+        """(final-normed hidden states of every stream `[P, B, S, D]`, aux averaged over layers, the
+        updated cache or None). Every stream starts from the same embeddings; the layers see the
+        streams as one more leading axis (their weights are shared, only the prefixes differ)."""
+        P = self.config.parscale_n
         layers_def, prefix_state, shared_state = nnx.split(self.layers, ParScaleParam, ...)
-        index = None if cache is None else cache.index
-
-        def one_stream(shared_state, prefix_state, kv):
-            h_BSD, kv, aux = scan_layers(layers_def, shared_state, prefix_state, x_BSD, cos_BSH, sin_BSH, mask_BSC,
-                                         kv, index, cfg.remat)
-            return self.norm(h_BSD), kv, aux
-
-        kv = None if cache is None else (cache.k, cache.v)
-        if cfg.parscale_n == 1:  # no stream axis to map over; the cache keeps one of size 1
-            h_BSD, kv, aux = one_stream(shared_state, prefix_state, jax.tree.map(lambda x: x[:, 0], kv))
-            h_PBSD, kv = h_BSD[None], jax.tree.map(lambda x: x[:, None], kv)
-        else:
-            # Shared weights broadcast, prefixes and caches `[L, P, ...]` mapped over P. The stream
-            # axis is named so that sharding constraints inside place it on the `stream` mesh axis.
-            h_PBSD, kv, aux = jax.vmap(one_stream, in_axes=(None, 1, 1), out_axes=(0, 1, 0),
-                                       spmd_axis_name="stream")(shared_state, prefix_state, kv)
+        x_PBSD = constrain(jnp.broadcast_to(x_BSD, (P, *x_BSD.shape)), ("stream", "batch", "length", "act_embed"))
+        kv, index = (None, None) if cache is None else ((cache.k, cache.v), cache.index)
+        h_PBSD, kv, aux = scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask_BSC,
+                                      kv, index, self.config.remat)
         cache = None if cache is None else KVCache(*kv, cache.index + x_BSD.shape[1])
-        return h_PBSD, aux.mean(), cache
+        return self.norm(h_PBSD), aux.mean(), cache
 
     def aggregate(self, h_PBSD) -> tuple[jax.Array, jax.Array]:
         """Input-dependent softmax mix of the streams: `(h_BSD, weights_BSP)`, in float32 inside."""
