@@ -191,10 +191,11 @@ def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5, peer:
             state = create_state(params)
             shardings = layout.state_shardings(jax.eval_shape(create_state, params))
             step = jit_train_step(graphdef, optimizer, cfg.train, layout, shardings, {})
-            state, _ = step(state, {}, batch)  # compile
+            halted = jnp.zeros((), bool)
+            state, _ = step(state, {}, batch, halted)  # compile
             start = time.perf_counter()
             for _ in range(steps):
-                state, metrics = step(state, {}, batch)
+                state, metrics = step(state, {}, batch, halted)
             jax.block_until_ready(metrics)
             seconds = (time.perf_counter() - start) / steps
         tokens_per_s = B * S / seconds

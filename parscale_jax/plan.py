@@ -119,6 +119,7 @@ def plan(config: Config, target: Target) -> dict[str, Any]:
     B, S = config.train.batch_size, config.data.seq_len
     batch = {key: jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=layout.batch_sharding())
              for key in data.ROW_KEYS}
+    halted = jax.ShapeDtypeStruct((), jnp.bool_, sharding=layout.replicated())
 
     report: dict[str, Any] = {
         "target": target.name, "devices": len(target.devices), "exact": target.exact,
@@ -134,7 +135,7 @@ def plan(config: Config, target: Target) -> dict[str, Any]:
     with jax.set_mesh(layout.mesh):
         try:
             compiled = jit_train_step(graphdef, optimizer, config.train, layout, shardings,
-                                      frozen_shardings).lower(state, frozen, batch).compile()
+                                      frozen_shardings).lower(state, frozen, batch, halted).compile()
         except Exception as err:  # the TPU compiler refuses a program larger than HBM
             if "RESOURCE_EXHAUSTED" not in str(err):
                 raise

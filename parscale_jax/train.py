@@ -8,6 +8,7 @@ model's parameters as a nested dict, turned back into the NNX model inside the l
 
 from __future__ import annotations
 
+import collections
 import functools
 import sys
 import time
@@ -33,6 +34,8 @@ from parscale_jax.runs import Run, partition_trainable
 from parscale_jax.sharding import constrain
 
 Batch = dict[str, jax.Array]
+STEPS_IN_FLIGHT = 2  # dispatched steps whose flags the host has not read yet
+FLAGS = ("loss_finite", "grads_finite", "halted")  # step metrics the loop acts on rather than logs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,9 +94,14 @@ def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float)
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    t: TrainConfig) -> Callable[[dict, dict, Batch], tuple[dict, dict]]:
-    """`train_step(state, frozen, batch)`: only `state["params"]` is trained; `frozen` holds the
-    parameters that are not (the backbone under `train.trainable=parscale`, else nothing)."""
+                    t: TrainConfig) -> Callable[[dict, dict, Batch, jax.Array], tuple[dict, dict]]:
+    """`train_step(state, frozen, batch, halted)`: only `state["params"]` is trained; `frozen` holds
+    the parameters that are not (the backbone under `train.trainable=parscale`, else nothing).
+
+    `halted` (a device bool) is the previous step's `metrics["halted"]`: under
+    `train.on_nonfinite=stop` a non-finite step sets it, and every step after leaves the state as
+    it was, so the loop can read the flags a few steps late and still save the last good state.
+    """
     schedule = learning_rate_schedule(t)
 
     def objective(params: dict, frozen: dict, batch: Batch):
@@ -101,7 +109,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     grad_fn = jax.grad(objective, has_aux=True)
 
-    def train_step(state: dict, frozen: dict, batch: Batch) -> tuple[dict, dict]:
+    def train_step(state: dict, frozen: dict, batch: Batch, halted: jax.Array) -> tuple[dict, dict]:
         params = state["params"]
         # Gradient accumulation: scan over micro-batches, summing float32 gradients. Micro-batch a
         # takes rows a, a+A, a+2A, ..., so each one stays spread over the `data` devices as is.
@@ -127,13 +135,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                    "opt_state": opt_state, "skipped_steps": state["skipped_steps"]}
         # A non-finite loss or gradient never reaches the parameters or the Adam moments. Skipping
         # counts the step as done; stopping leaves the state exactly as before, for the loop to save.
+        finite = loss_finite & grads_finite
         if t.on_nonfinite == "skip":
             unchanged = {**state, "step": state["step"] + 1, "skipped_steps": state["skipped_steps"] + 1}
         else:
             unchanged = state
-        new_state = jax.tree.map(functools.partial(jnp.where, loss_finite & grads_finite), updated, unchanged)
+            finite, halted = finite & ~halted, halted | ~finite
+        new_state = jax.tree.map(functools.partial(jnp.where, finite), updated, unchanged)
         metrics = {"loss": ce_sum / n_tokens, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "tokens": n_tokens, "loss_finite": loss_finite, "grads_finite": grads_finite,
+                   "tokens": n_tokens, "loss_finite": loss_finite, "grads_finite": grads_finite, "halted": halted,
                    "skipped_steps": new_state["skipped_steps"],
                    **{f"aux/{name}": value for name, value in aux.losses.items()},
                    **{f"stat/{name}": value for name, value in aux.stats.items()}}
@@ -146,7 +156,7 @@ def jit_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
                    layout: Layout, state_shardings: dict, frozen_shardings: dict):
     """The train step compiled for `layout`: state stays where the rules put it and is donated."""
     return jax.jit(make_train_step(graphdef, optimizer, t), donate_argnums=0,
-                   in_shardings=(state_shardings, frozen_shardings, layout.batch_sharding()),
+                   in_shardings=(state_shardings, frozen_shardings, layout.batch_sharding(), layout.replicated()),
                    out_shardings=(state_shardings, layout.replicated()))
 
 
@@ -256,29 +266,45 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
         # Throughput over the steps since the last log, without the time spent evaluating.
         window_start, window_tokens, window_eval_s = time.perf_counter(), 0, 0.0
         end = min(stop_at or t.steps, t.steps)
+        halted = jax.device_put(jnp.zeros((), bool), layout.replicated())
+        pending: collections.deque[tuple[int, dict, Any]] = collections.deque()  # dispatched, not yet read
+
+        def check(step: int, metrics: dict, position: Any) -> None:
+            """Act on one finished step's flags: name a skipped update, or stop with the last good state."""
+            loss_finite, grads_finite = jax.device_get((metrics["loss_finite"], metrics["grads_finite"]))
+            if loss_finite and grads_finite:
+                return
+            what = "loss" if not loss_finite else "gradients"
+            if t.on_nonfinite == "stop":  # the steps after it left the state alone (`halted`)
+                train_iter.set_state(position)
+                if step - 1 not in checkpointer.all_steps():
+                    checkpointer.save(step - 1, state, train_iter, to_dict(config))
+                checkpointer.wait()
+                raise NonFiniteError(f"step {step}: non-finite {what}; stopped (train.on_nonfinite=stop) "
+                                     f"with the state of step {step - 1} saved in {checkpointer.directory}")
+            if is_main:
+                bar.write(f"step {step}: non-finite {what}; update skipped "
+                          f"({int(metrics['skipped_steps'])} skipped so far)", file=sys.stderr)
+
         for step in range(start + 1, end + 1):
             # Where a stop on a non-finite step rewinds the data to.
             position = train_iter.get_state() if t.on_nonfinite == "stop" else None
-            state, metrics = train_step(state, frozen, layout.put_batch(next(train_iter), t.batch_size))
+            state, metrics = train_step(state, frozen, layout.put_batch(next(train_iter), t.batch_size), halted)
+            halted = metrics["halted"]
+            pending.append((step, metrics, position))
             window_tokens += t.batch_size * config.data.seq_len
             bar.update(1)
-            # One small device-to-host read per step: which step went non-finite is known exactly.
-            loss_finite, grads_finite = jax.device_get((metrics["loss_finite"], metrics["grads_finite"]))
-            if not (loss_finite and grads_finite):
-                what = "loss" if not loss_finite else "gradients"
-                if t.on_nonfinite == "stop":
-                    train_iter.set_state(position)
-                    if step - 1 not in checkpointer.all_steps():
-                        checkpointer.save(step - 1, state, train_iter, to_dict(config))
-                    checkpointer.wait()
-                    raise NonFiniteError(f"step {step}: non-finite {what}; stopped (train.on_nonfinite=stop) "
-                                         f"with the state of step {step - 1} saved in {checkpointer.directory}")
-                if is_main:
-                    bar.write(f"step {step}: non-finite {what}; update skipped "
-                              f"({int(metrics['skipped_steps'])} skipped so far)", file=sys.stderr)
+            logs = step % t.log_every == 0 or step == t.steps
+            evaluates = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+            stop_signal = stop_requests.agreed()
+            saves = step % config.checkpoint.every == 0 or step == end or stop_signal
+            # The host reads each step's flags a few steps late, so that the device never waits for it;
+            # everything is read before a step is logged, evaluated or saved.
+            while len(pending) > (0 if logs or evaluates or saves else STEPS_IN_FLIGHT):
+                check(*pending.popleft())
             record: dict[str, Any] = {}
-            if step % t.log_every == 0 or step == t.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if "finite" not in k}
+            if logs:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in FLAGS}
                 tokens_per_s = window_tokens / (time.perf_counter() - window_start - window_eval_s)
                 record = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"],
                           "grad_norm": metrics["grad_norm"], "skipped_steps": int(metrics["skipped_steps"]),
@@ -286,7 +312,7 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
                           **{k: v for k, v in metrics.items() if k.startswith(("aux/", "stat/"))}}
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_start, window_tokens, window_eval_s = time.perf_counter(), 0, 0.0
-            if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+            if evaluates:
                 eval_start = time.perf_counter()
                 record["step"] = step
                 record["eval_loss"], _ = mean_loss(eval_step, merge_params(frozen, state["params"]),
@@ -295,8 +321,7 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
             if record:
                 logger.log(record)
                 last = {**last, **record}
-            stop_signal = stop_requests.agreed()
-            if step % config.checkpoint.every == 0 or step == end or stop_signal:
+            if saves:
                 checkpointer.save(step, state, train_iter, to_dict(config))
             if stop_signal:
                 last = {**last, "step": step, "stopped_by": stop_signal}

@@ -49,7 +49,7 @@ def test_gradient_accumulation_equals_one_full_batch():
         graphdef, optimizer, create_state = create_state_fn(config)
         step = jax.jit(make_train_step(graphdef, optimizer, config.train))
         state = jax.jit(lambda: create_state(init_params(config.model, 0)))()
-        state, metrics = step(state, {}, random_batch(8, 32, 320))
+        state, metrics = step(state, {}, random_batch(8, 32, 320), False)
         results.append((state["params"], metrics))
     (params_full, metrics_full), (params_micro, metrics_micro) = results
     np.testing.assert_allclose(metrics_micro["loss"], metrics_full["loss"], rtol=1e-6)
@@ -200,3 +200,39 @@ def test_eval_of_a_text_shorter_than_one_row(tmp_path, capsys):
     assert cli.main(["eval", "--run-dir", str(run_dir), "--text", str(text), "data.seq_len=64"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["target_tokens"] == 40 and 0 < result["loss"] < 10
+
+
+def test_the_loop_keeps_steps_in_flight(tmp_path, monkeypatch):
+    """The host reads a step's non-finite flags only after the next STEPS_IN_FLIGHT steps are
+    dispatched (so the device never waits for it), except where it logs or saves."""
+    from parscale_jax import train as train_module
+
+    events, step_of, kept = [], {}, []  # kept: the flags stay alive, so their ids stay theirs
+    real_jit, real_device_get = train_module.jit_train_step, jax.device_get
+
+    def recording_jit(*args, **kwargs):
+        step_fn = real_jit(*args, **kwargs)
+
+        def dispatch(*step_args):
+            state, metrics = step_fn(*step_args)
+            kept.append(metrics["loss_finite"])
+            events.append(("dispatch", len(kept)))
+            step_of[id(metrics["loss_finite"])] = len(kept)
+            return state, metrics
+
+        return dispatch
+
+    def recording_device_get(tree):
+        if isinstance(tree, tuple) and id(tree[0]) in step_of:
+            events.append(("read", step_of[id(tree[0])]))
+        return real_device_get(tree)
+
+    monkeypatch.setattr(train_module, "jit_train_step", recording_jit)
+    monkeypatch.setattr(train_module.jax, "device_get", recording_device_get)
+    train(tiny_config("train.steps=9", "train.log_every=100", "train.eval_every=0", "checkpoint.every=100"),
+          tmp_path, progress=False)
+    reads = [step for kind, step in events if kind == "read"]
+    assert reads == list(range(1, 10))
+    for step in range(1, 8):  # the last steps are read at the end, where the run saves
+        dispatched_before = max(s for kind, s in events[: events.index(("read", step))] if kind == "dispatch")
+        assert dispatched_before == step + train_module.STEPS_IN_FLIGHT, (step, events)
