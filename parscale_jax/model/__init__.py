@@ -5,7 +5,7 @@ and `REMAT_POLICIES` (model.remat).
 """
 
 from parscale_jax.model.attention import KERNELS as ATTENTION_KERNELS
-from parscale_jax.model.attention import KVCache, attention_mask
+from parscale_jax.model.attention import AttentionMask, KVCache, attention_mask
 from parscale_jax.model.ffn import FFN_TYPES
 from parscale_jax.model.layers import Aux, apply_rope, rope_tables
 from parscale_jax.model.lm import (
@@ -22,6 +22,6 @@ from parscale_jax.model.lm import (
 )
 from parscale_jax.model.params import DECAYED, ParamInfo, ParScaleParam
 
-__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "Aux", "KVCache", "ParScaleLM",
+__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "AttentionMask", "Aux", "KVCache", "ParScaleLM",
            "ParScaleParam", "ParamInfo", "abstract_params", "apply_rope", "attention_mask", "init_params",
            "merge_params", "model_graphdef", "param_info", "prefix_slots", "rope_tables", "scan_layers", "split_params"]

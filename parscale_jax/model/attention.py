@@ -3,8 +3,9 @@
 Each query attends over C key/value slots: this stream's T prefix slots, then the tokens. In training
 (and any full recomputation) those are the prefix parameters followed by the S tokens' own keys and
 values; while generating they are a `KVCache` that holds the prefix in slots [0, T) and every token so
-far after it, into which the S new tokens are written first. The mask `[B, S, C]` says which slots
-each query sees; `attention_mask` builds it for training and generate.py for decoding.
+far after it, into which the S new tokens are written first. An `AttentionMask` says which slots
+each query sees: from the segment ids in training (built block by block where a kernel asks), or
+as the dense `[B, S, C]` array generate.py gives while decoding.
 
 The attention kernel that turns (queries, keys, values, mask) into outputs is chosen by
 `model.attention` from `KERNELS`; a new implementation is a new entry there.
@@ -24,7 +25,43 @@ from parscale_jax.model.layers import Linear, apply_rope, normal
 from parscale_jax.model.params import ParScaleParam, declare
 
 
-def einsum_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, mask_BSC: jax.Array) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which of the C key slots each of the S queries sees, `[B, S, C]` bool, made only where asked.
+
+    In training, from `segment_ids_BS`: every query sees the T prefix slots, then the tokens
+    causally within its own packed segment, never padding (segment 0). While decoding,
+    `visible_BSC` as given. `rows` makes the part for a block of queries only, so that a blockwise
+    kernel never holds the whole `[S, C]`.
+    """
+
+    segment_ids_BS: jax.Array | None = None
+    visible_BSC: jax.Array | None = None
+    prefix_slots: int = dataclasses.field(default=0, metadata={"static": True})
+
+    @property
+    def num_queries(self) -> int:
+        return (self.segment_ids_BS if self.visible_BSC is None else self.visible_BSC).shape[1]
+
+    def full(self) -> jax.Array:
+        return self.rows(0, self.num_queries)
+
+    def rows(self, start, size: int) -> jax.Array:
+        """`[B, size, C]` for queries start .. start + size (those past the last query see nothing)."""
+        if self.visible_BSC is not None:
+            padded_BSC = jnp.pad(self.visible_BSC, ((0, 0), (0, size), (0, 0)))
+            return jax.lax.dynamic_slice_in_dim(padded_BSC, start, size, axis=1)
+        segments_BS = self.segment_ids_BS
+        B, S = segments_BS.shape
+        query_segments_Bs = jax.lax.dynamic_slice_in_dim(jnp.pad(segments_BS, ((0, 0), (0, size))), start, size, 1)
+        causal_sS = jnp.arange(S)[None, :] <= (start + jnp.arange(size))[:, None]
+        tokens_BsS = (causal_sS[None] & (query_segments_Bs[:, :, None] == segments_BS[:, None, :])
+                      & (segments_BS[:, None, :] != 0))
+        return jnp.concatenate([jnp.ones((B, size, self.prefix_slots), dtype=bool), tokens_BsS], axis=2)
+
+
+def einsum_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, mask: AttentionMask) -> jax.Array:
     """Softmax attention written out, scores in float32.
 
     Heads go first, and the G query heads that share a kv head lie side by side along the queries
@@ -39,46 +76,123 @@ def einsum_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, ma
     k_BKCH, v_BKCH = k_BCKH.transpose(0, 2, 1, 3), v_BCKH.transpose(0, 2, 1, 3)
     scores_BKGSC = jnp.einsum("bkqh,bkch->bkqc", q_BKQH, k_BKCH,
                               preferred_element_type=jnp.float32).reshape(B, K, G, S, C)
-    scores_BKGSC = scores_BKGSC + jnp.where(mask_BSC, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+    scores_BKGSC = scores_BKGSC + jnp.where(mask.full(), 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
     probs_BKQC = jax.nn.softmax(scores_BKGSC, axis=-1).astype(q_BSNH.dtype).reshape(B, K, G * S, C)
     out_BKQH = jnp.einsum("bkqc,bkch->bkqh", probs_BKQC, v_BKCH)
     return out_BKQH.reshape(B, K, G, S, H).transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)
 
 
-def blockwise_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, mask_BSC: jax.Array,
+def blockwise_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, mask: AttentionMask,
                         block: int = 128) -> jax.Array:
-    """`einsum_attention` over blocks of `block` queries, one at a time, each recomputed in the
-    backward pass: the only scores that exist at once are one block's `[block, C]`, so the memory
-    grows linearly in the sequence length (and the scores stay in cache)."""
+    """The same attention, `block` queries at a time, forward and backward (as flash attention
+    does): the only scores and mask that exist at once are one block's `[block, C]`, and the
+    backward pass recomputes them from the saved outputs and log-sum-exps, so the memory grows
+    linearly in the sequence length, and on a CPU the scores stay in cache."""
     B, S, N, H = q_BSNH.shape
-    if S <= block:
-        return einsum_attention(q_BSNH, k_BCKH, v_BCKH, mask_BSC)
+    if S <= block:  # one block (decoding, short prompts)
+        return einsum_attention(q_BSNH, k_BCKH, v_BCKH, mask)
     blocks = -(-S // block)
-    pad = blocks * block - S  # padded queries see nothing and are dropped
-    q_nBbNH = jnp.pad(q_BSNH, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, blocks, block, N, H).swapaxes(0, 1)
-    mask_nBbC = jnp.pad(mask_BSC, ((0, 0), (0, pad), (0, 0))).reshape(B, blocks, block, -1).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one_block(q_BbNH, mask_BbC):
-        return einsum_attention(q_BbNH, k_BCKH, v_BCKH, mask_BbC)
-
-    out_nBbNH = jax.lax.map(lambda blocks: one_block(*blocks), (q_nBbNH, mask_nBbC))
+    q_nBbNH = jnp.pad(q_BSNH, ((0, 0), (0, blocks * block - S), (0, 0), (0, 0)))
+    q_nBbNH = q_nBbNH.reshape(B, blocks, block, N, H).swapaxes(0, 1)
+    out_nBbNH = _blockwise(q_nBbNH, k_BCKH.transpose(0, 2, 1, 3), v_BCKH.transpose(0, 2, 1, 3), mask)
     return out_nBbNH.swapaxes(0, 1).reshape(B, blocks * block, N, H)[:, :S]
 
 
-# model.attention -> (queries [B,S,N,H], keys [B,C,K,H], values [B,C,K,H], mask [B,S,C]) -> [B,S,N,H]
-KERNELS = {"einsum": einsum_attention, "blockwise": blockwise_attention}
+def _block_logits(q_BbNH, k_BKCH, mask: AttentionMask, start):
+    """(scaled scores `[B, K, G·b, C]` in float32, hidden slots at the float32 minimum; the block's
+    scaled queries `[B, K, G·b, H]`) of the b queries from `start`."""
+    B, b, N, H = q_BbNH.shape
+    K, C = k_BKCH.shape[1], k_BKCH.shape[2]
+    q_BKQH = (q_BbNH * H**-0.5).reshape(B, b, K, N // K, H).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, H)
+    scores_BKGbC = jnp.einsum("bkqh,bkch->bkqc", q_BKQH, k_BKCH, preferred_element_type=jnp.float32)
+    bias_BbC = jnp.where(mask.rows(start, b), 0.0, jnp.finfo(jnp.float32).min)
+    return (scores_BKGbC.reshape(B, K, N // K, b, C) + bias_BbC[:, None, None]).reshape(B, K, -1, C), q_BKQH
 
 
-def attention_mask(segment_ids_BS: jax.Array, prefix_slots: int) -> jax.Array:
-    """`[B, S, T + S]` bool for training: every query sees all T prefix slots, then the tokens
-    causally, within one packed segment, and never padding (segment 0)."""
-    B, S = segment_ids_BS.shape
-    causal_SS = jnp.tril(jnp.ones((S, S), dtype=bool))
-    same_segment_BSS = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
-    key_is_real_BS = segment_ids_BS[:, None, :] != 0
-    tokens_BSS = causal_SS[None] & same_segment_BSS & key_is_real_BS
-    return jnp.concatenate([jnp.ones((B, S, prefix_slots), dtype=bool), tokens_BSS], axis=2)
+def _heads_last(x_BKQH, b: int):
+    B, K, Q, H = x_BKQH.shape
+    return x_BKQH.reshape(B, K, Q // b, b, H).transpose(0, 3, 1, 2, 4).reshape(B, b, -1, H)
+
+
+def _heads_first(x_BbNH, K: int):
+    B, b, N, H = x_BbNH.shape
+    return x_BbNH.reshape(B, b, K, N // K, H).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, H)
+
+
+@jax.custom_vjp
+def _blockwise(q_nBbNH, k_BKCH, v_BKCH, mask: AttentionMask):
+    return _blockwise_forward(q_nBbNH, k_BKCH, v_BKCH, mask)[0]
+
+
+def _blockwise_forward(q_nBbNH, k_BKCH, v_BKCH, mask: AttentionMask):
+    b = q_nBbNH.shape[2]
+    starts_n = jnp.arange(q_nBbNH.shape[0]) * b
+
+    def one_block(xs):
+        q_BbNH, start = xs
+        logits_BKQC, _ = _block_logits(q_BbNH, k_BKCH, mask, start)
+        max_BKQ1 = jnp.max(logits_BKQC, axis=-1, keepdims=True)
+        exp_BKQC = jnp.exp(logits_BKQC - max_BKQ1)
+        sum_BKQ1 = jnp.sum(exp_BKQC, axis=-1, keepdims=True)
+        out_BKQH = jnp.einsum("bkqc,bkch->bkqh", (exp_BKQC / sum_BKQ1).astype(v_BKCH.dtype), v_BKCH)
+        return _heads_last(out_BKQH, b), max_BKQ1 + jnp.log(sum_BKQ1)
+
+    # A while loop, not a scan: autodiff of an enclosing scan would split a scan here into what does
+    # and does not depend on the queries, and keep every block's mask for the backward pass.
+    def step(carry):
+        i, out_nBbNH, lse_nBKQ1 = carry
+        out_BbNH, lse_BKQ1 = one_block((q_nBbNH[i], starts_n[i]))
+        return i + 1, out_nBbNH.at[i].set(out_BbNH), lse_nBKQ1.at[i].set(lse_BKQ1)
+
+    n = q_nBbNH.shape[0]
+    shapes = jax.eval_shape(one_block, (q_nBbNH[0], starts_n[0]))
+    init = (0, *(jnp.zeros((n, *x.shape), x.dtype) for x in shapes))
+    _, out_nBbNH, lse_nBKQ1 = jax.lax.while_loop(lambda carry: carry[0] < n, step, init)
+    return out_nBbNH, (q_nBbNH, k_BKCH, v_BKCH, mask, out_nBbNH, lse_nBKQ1)
+
+
+def _blockwise_backward(residuals, dout_nBbNH):
+    q_nBbNH, k_BKCH, v_BKCH, mask, out_nBbNH, lse_nBKQ1 = residuals
+    b, K, H = q_nBbNH.shape[2], k_BKCH.shape[1], q_nBbNH.shape[-1]
+    starts_n = jnp.arange(q_nBbNH.shape[0]) * b
+
+    def one_block(dkv, xs):
+        dk_BKCH, dv_BKCH = dkv
+        q_BbNH, out_BbNH, dout_BbNH, lse_BKQ1, start = xs
+        logits_BKQC, q_BKQH = _block_logits(q_BbNH, k_BKCH, mask, start)
+        probs_BKQC = jnp.exp(logits_BKQC - lse_BKQ1)
+        dout_BKQH = _heads_first(dout_BbNH, K)
+        dv_BKCH += jnp.einsum("bkqc,bkqh->bkch", probs_BKQC.astype(dout_BKQH.dtype), dout_BKQH,
+                              preferred_element_type=jnp.float32)
+        dprobs_BKQC = jnp.einsum("bkqh,bkch->bkqc", dout_BKQH, v_BKCH, preferred_element_type=jnp.float32)
+        rowsum_BKQ1 = jnp.sum(dout_BKQH.astype(jnp.float32) * _heads_first(out_BbNH, K), axis=-1, keepdims=True)
+        dlogits_BKQC = (probs_BKQC * (dprobs_BKQC - rowsum_BKQ1)).astype(q_BKQH.dtype)
+        dq_BKQH = jnp.einsum("bkqc,bkch->bkqh", dlogits_BKQC, k_BKCH) * H**-0.5
+        dk_BKCH += jnp.einsum("bkqc,bkqh->bkch", dlogits_BKQC, q_BKQH, preferred_element_type=jnp.float32)
+        return (dk_BKCH, dv_BKCH), _heads_last(dq_BKQH, b)
+
+    zeros = jnp.zeros(k_BKCH.shape, jnp.float32)
+    (dk_BKCH, dv_BKCH), dq_nBbNH = jax.lax.scan(
+        one_block, (zeros, zeros), (q_nBbNH, out_nBbNH, dout_nBbNH, lse_nBKQ1, starts_n))
+    return dq_nBbNH, dk_BKCH.astype(k_BKCH.dtype), dv_BKCH.astype(v_BKCH.dtype), None
+
+
+_blockwise.defvjp(_blockwise_forward, _blockwise_backward)
+
+
+def jax_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, mask: AttentionMask) -> jax.Array:
+    """`jax.nn.dot_product_attention`, which takes cuDNN's fused flash attention on NVIDIA GPUs where
+    it can (bfloat16 or float16) and XLA's elsewhere."""
+    return jax.nn.dot_product_attention(q_BSNH, k_BCKH, v_BCKH, mask=mask.full()[:, None])
+
+
+# model.attention -> (queries [B,S,N,H], keys [B,C,K,H], values [B,C,K,H], AttentionMask) -> [B,S,N,H]
+KERNELS = {"einsum": einsum_attention, "blockwise": blockwise_attention, "dot_product_attention": jax_attention}
+
+
+def attention_mask(segment_ids_BS: jax.Array, prefix_slots: int) -> AttentionMask:
+    """The training mask: all T prefix slots, then the tokens causally within one packed segment."""
+    return AttentionMask(segment_ids_BS=segment_ids_BS, prefix_slots=prefix_slots)
 
 
 @jax.tree_util.register_dataclass
@@ -117,7 +231,7 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.kernel = KERNELS[cfg.attention]
 
-    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
+    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None):
         """(output `[P, B, S, D]`, the cache with this step's keys and values written, or None).
 
         The projections see the P streams as more rows (they share the weights); only the keys and
@@ -138,9 +252,9 @@ class Attention(nnx.Module):
             k_PBCKH, v_PBCKH = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
         # The kernel sees one stream at a time; every stream has the same mask.
         if P == 1:
-            out_PBSNH = self.kernel(q_PBSNH[0], k_PBCKH[0], v_PBCKH[0], mask_BSC)[None]
+            out_PBSNH = self.kernel(q_PBSNH[0], k_PBCKH[0], v_PBCKH[0], mask)[None]
         else:
-            out_PBSNH = jax.vmap(self.kernel, in_axes=(0, 0, 0, None))(q_PBSNH, k_PBCKH, v_PBCKH, mask_BSC)
+            out_PBSNH = jax.vmap(self.kernel, in_axes=(0, 0, 0, None))(q_PBSNH, k_PBCKH, v_PBCKH, mask)
         return self.o_proj(out_PBSNH.reshape(P, B, S, N * H)), cache
 
     def _after_prefix(self, x_PBSKH: jax.Array, name: str) -> jax.Array:

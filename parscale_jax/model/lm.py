@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from parscale_jax.model.attention import Attention, KVCache, attention_mask
+from parscale_jax.model.attention import Attention, AttentionMask, KVCache, attention_mask
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.model.ffn import FFN_TYPES
 from parscale_jax.model.layers import Aux, Linear, RMSNorm, normal, rope_tables
@@ -54,14 +54,14 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg)
         self.mlp = FFN_TYPES[cfg.ffn](cfg, rngs)
 
-    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
-        attended_PBSD, cache = self.self_attn(self.input_layernorm(x_PBSD), cos_BSH, sin_BSH, mask_BSC, cache)
+    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None):
+        attended_PBSD, cache = self.self_attn(self.input_layernorm(x_PBSD), cos_BSH, sin_BSH, mask, cache)
         x_PBSD = x_PBSD + attended_PBSD
         mlp_PBSD, aux = self.mlp(self.post_attention_layernorm(x_PBSD))
         return x_PBSD + mlp_PBSD, cache, aux
 
 
-def scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask_BSC, kv=None, index=None,
+def scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask, kv=None, index=None,
                 remat: str = "none"):
     """The P streams through the L stacked layers under `lax.scan`: (hidden states, kv, Aux per layer).
 
@@ -74,7 +74,7 @@ def scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH
         shared, prefix, layer_kv = per_layer
         block = nnx.merge(layers_def, shared, prefix)
         cache = None if layer_kv is None else KVCache(*layer_kv, index)
-        x_PBSD, cache, aux = block(x_PBSD, cos_BSH, sin_BSH, mask_BSC, cache)
+        x_PBSD, cache, aux = block(x_PBSD, cos_BSH, sin_BSH, mask, cache)
         layer_kv = None if cache is None else (cache.k, cache.v)
         return constrain(x_PBSD, ("stream", "batch", "length", "act_embed")), (layer_kv, aux)
 
@@ -123,22 +123,22 @@ class ParScaleLM(nnx.Module):
             positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
         if segment_ids_BS is None:
             segment_ids_BS = jnp.ones_like(tokens_BS)
-        mask_BSC = attention_mask(segment_ids_BS, prefix_slots(self.config))
-        logits_BSV, aux, _ = self.forward(tokens_BS, positions_BS, mask_BSC)
+        mask = attention_mask(segment_ids_BS, prefix_slots(self.config))
+        logits_BSV, aux, _ = self.forward(tokens_BS, positions_BS, mask)
         return logits_BSV, aux
 
     def decode(self, tokens_BS, positions_BS, cache: KVCache, visible_BSC) -> tuple[jax.Array, KVCache]:
         """(logits `[B, S, V]`, the updated cache) of S new tokens, written into the cache at
         `cache.index`; `visible_BSC` says which cache slots each new token sees (generate.py)."""
-        logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, visible_BSC, cache)
+        logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, AttentionMask(visible_BSC=visible_BSC), cache)
         return logits_BSV, cache
 
-    def forward(self, tokens_BS, positions_BS, mask_BSC, cache: KVCache | None = None):
+    def forward(self, tokens_BS, positions_BS, mask, cache: KVCache | None = None):
         """(logits, aux, cache): the one forward path of training, prefill and decoding."""
         cfg = self.config
         cos_BSH, sin_BSH = rope_tables(positions_BS, cfg.head_dim, cfg.rope_theta)
         x_BSD = constrain(self.embed_tokens(tokens_BS), ("batch", "length", "act_embed"))  # shared by all streams
-        h_PBSD, aux, cache = self.streams(x_BSD, cos_BSH, sin_BSH, mask_BSC, cache)
+        h_PBSD, aux, cache = self.streams(x_BSD, cos_BSH, sin_BSH, mask, cache)
         h_BSD, weights_BSP = self.aggregate(h_PBSD)
         if cfg.parscale_n > 1:
             entropy_BS = -jnp.sum(weights_BSP * jnp.log(weights_BSP), axis=-1)
@@ -146,7 +146,7 @@ class ParScaleLM(nnx.Module):
         logits_BSV = constrain(self.lm_logits(h_BSD), ("batch", "length", "act_vocab"))
         return logits_BSV, aux, cache
 
-    def streams(self, x_BSD, cos_BSH, sin_BSH, mask_BSC, cache: KVCache | None = None):
+    def streams(self, x_BSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None):
         """(final-normed hidden states of every stream `[P, B, S, D]`, aux averaged over layers, the
         updated cache or None). Every stream starts from the same embeddings; the layers see the
         streams as one more leading axis (their weights are shared, only the prefixes differ)."""
@@ -154,7 +154,7 @@ class ParScaleLM(nnx.Module):
         layers_def, prefix_state, shared_state = nnx.split(self.layers, ParScaleParam, ...)
         x_PBSD = constrain(jnp.broadcast_to(x_BSD, (P, *x_BSD.shape)), ("stream", "batch", "length", "act_embed"))
         kv, index = (None, None) if cache is None else ((cache.k, cache.v), cache.index)
-        h_PBSD, kv, aux = scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask_BSC,
+        h_PBSD, kv, aux = scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask,
                                       kv, index, self.config.remat)
         cache = None if cache is None else KVCache(*kv, cache.index + x_BSD.shape[1])
         return self.norm(h_PBSD), aux.mean(), cache
