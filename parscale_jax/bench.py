@@ -171,7 +171,8 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / _median_seconds(lambda: product(a), repeats)
 
 
-def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5, peer: str | None = None) -> list[dict[str, Any]]:
+def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5,
+                     peer: str | None = None) -> list[dict[str, Any]]:
     """Training tokens/s and model FLOP utilization for every P, the peak measured in the same run;
     with `peer="torch"` the PyTorch implementation's tokens/s too, measured right after ours."""
     from parscale_jax.train import create_state_fn, jit_train_step
@@ -231,7 +232,8 @@ def format_table(name: str, rows: list[dict[str, Any]]) -> str:
                  f"{_shown(r['vs_floor']):>7}" for r in rows]
         if "vs_peer" in rows[0]:
             header += "  torch ms/token  torch / ours"
-            lines = [f"{line}  {r['peer_latency_s'] * 1e3:14.2f}  {_shown(r['vs_peer']):>12}" for line, r in zip(lines, rows)]
+            lines = [f"{line}  {r['peer_latency_s'] * 1e3:14.2f}  {_shown(r['vs_peer']):>12}"
+                     for line, r in zip(lines, rows)]
     elif name == "equal-loss":
         header = ("   P  batch  dense params/base  memory +: dense / ParScale  latency +: dense / ParScale  "
                   "memory-increase x  latency-increase x")

@@ -138,9 +138,10 @@ class Qwen2ParScaleAttention(nn.Module):
         # heads lines up. The additive mask is float32 with a finite minimum, so a query that sees no key gets a
         # uniform distribution, as the reference implementation computes.
         q = q.reshape(batch, self.n_streams * self.n_heads, seq_len, self.head_dim)
+        bias = attention_mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
         out = nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype), dropout_p=self.dropout if self.training else 0.0,
-            scale=self.scaling, enable_gqa=groups > 1)
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=self.scaling,
+            enable_gqa=groups > 1)
 
         # [B, P * n_heads, S, head_dim] is [B, P, n_heads, S, head_dim]; back to stream-major rows.
         out = out.view(batch, self.n_streams, self.n_heads, seq_len, self.head_dim).permute(1, 0, 3, 2, 4)

@@ -22,6 +22,7 @@ from parscale_jax.model.lm import (
 )
 from parscale_jax.model.params import DECAYED, ParamInfo, ParScaleParam
 
-__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "AttentionMask", "Aux", "KVCache", "ParScaleLM",
+__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "AttentionMask", "Aux", "KVCache",
+           "ParScaleLM",
            "ParScaleParam", "ParamInfo", "abstract_params", "apply_rope", "attention_mask", "init_params",
            "merge_params", "model_graphdef", "param_info", "prefix_slots", "rope_tables", "scan_layers", "split_params"]
