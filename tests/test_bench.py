@@ -71,3 +71,18 @@ def test_bench_without_matplotlib_says_so_in_one_line(tmp_path, capsys, monkeypa
     printed = capsys.readouterr().out
     assert "plot skipped: matplotlib is not installed" in printed and "Traceback" not in printed
     assert (tmp_path / "train.json").is_file() and not (tmp_path / "train.png").exists()
+
+
+def test_bench_measures_the_torch_peer_side_by_side(tmp_path, capsys):
+    out = tmp_path / "bench"
+    for name in ("train", "decode"):
+        assert main(["bench", name, "--config", "default", "--out", str(out), "--streams", "1,2", "--batches", "1",
+                     "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--steps", "1", "--peer", "torch",
+                     *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "ours / torch" in printed and "torch / ours" in printed
+    train = json.loads((out / "train.json").read_text())["rows"]
+    assert all(r["peer_tokens_per_s"] > 0 and r["vs_peer"] == r["tokens_per_s"] / r["peer_tokens_per_s"]
+               for r in train)
+    decode = json.loads((out / "decode.json").read_text())["rows"]
+    assert all(r["peer_latency_s"] > 0 and r["floor_s"] > 0 for r in decode)

@@ -40,9 +40,10 @@ class PenalizedSwiGLU(SwiGLU):
         return y_BSD * self.gain[...][0], Aux({"weight_penalty": penalty}, {"output_rms": jnp.sqrt(jnp.mean(y_BSD**2))})
 
 
-def reference_attention(q_BSNH, k_BCKH, v_BCKH, mask_BSC):
+def reference_attention(q_BSNH, k_BCKH, v_BCKH, mask):
     """Attention head by head with explicit softmax, for checking that the kernel is swappable."""
     used.append(q_BSNH.shape)
+    mask_BSC = mask.full()
     N, K = q_BSNH.shape[2], k_BCKH.shape[2]
     outputs = []
     for n in range(N):
