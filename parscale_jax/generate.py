@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from parscale_jax.config import ConfigError, ModelConfig, SamplingConfig
-from parscale_jax.layout import Layout
+from parscale_jax.layout import LAYER_CACHE_AXES, Layout
 from parscale_jax.model import KVCache, prefix_slots
 
 
@@ -49,33 +49,46 @@ class Generator:
     def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig, layout: Layout, batch: int, max_len: int,
                  sampling: SamplingConfig):
         self.graphdef, self.cfg, self.batch, self.max_len, self.sampling = graphdef, cfg, batch, max_len, sampling
-        cache_shardings = KVCache(layout.cache_sharding(), layout.cache_sharding(), layout.replicated())
+        # Decoding runs the layers as a loop over per-layer copies of the weights and a per-layer cache
+        # (see `lm.scan_layers`); the prefill scans the stacked ones and hands the cache over per layer.
+        per_layer = layout.sharding(LAYER_CACHE_AXES)
+        cache_shardings = KVCache((per_layer,) * cfg.num_layers, (per_layer,) * cfg.num_layers, layout.replicated())
 
         def prefill(params, tokens_BS, positions_BS, visible_BSC, key):
             model = nnx.merge(graphdef, nnx.State(params))
             logits_BSV, cache = model.decode(tokens_BS, positions_BS, model.init_cache(batch, max_len), visible_BSC)
+            cache = KVCache(tuple(cache.k), tuple(cache.v), cache.index)
             return sample(logits_BSV[:, -1], key, sampling), logits_BSV[:, -1], cache
 
-        def decode(params, cache, token_B, position_B, visible_BC, key):
+        def decode(params, layers, cache, token_B, position_B, visible_BC, key):
             model = nnx.merge(graphdef, nnx.State(params))
-            logits_B1V, cache = model.decode(token_B[:, None], position_B[:, None], cache, visible_BC[:, None])
+            logits_B1V, cache = model.decode(token_B[:, None], position_B[:, None], cache, visible_BC[:, None],
+                                             layers)
             return sample(logits_B1V[:, 0], key, sampling), logits_B1V[:, 0], cache
 
         replicated = layout.replicated()
         self._prefill = jax.jit(prefill, out_shardings=(replicated, replicated, cache_shardings))
-        self._decode = jax.jit(decode, donate_argnums=1, out_shardings=(replicated, replicated, cache_shardings))
+        self._decode = jax.jit(decode, donate_argnums=2, out_shardings=(replicated, replicated, cache_shardings))
+        self._unstack = jax.jit(lambda params: nnx.merge(graphdef, nnx.State(params)).unstack_layers())
 
     def decode_memory_bytes(self, params: dict) -> int:
         """Device memory of one decode step as compiled: parameters, cache, inputs, outputs and
         temporaries, less what the donated cache lets the outputs reuse."""
         B, C = self.batch, prefix_slots(self.cfg) + self.max_len
-        cache = jax.eval_shape(lambda p: nnx.merge(self.graphdef, nnx.State(p)).init_cache(B, self.max_len), params)
+        stacked = jax.eval_shape(lambda p: nnx.merge(self.graphdef, nnx.State(p)).init_cache(B, self.max_len), params)
+        layer_k = jax.ShapeDtypeStruct(stacked.k.shape[1:], stacked.k.dtype)
+        layer_v = jax.ShapeDtypeStruct(stacked.v.shape[1:], stacked.v.dtype)
+        cache = KVCache((layer_k,) * self.cfg.num_layers, (layer_v,) * self.cfg.num_layers, stacked.index)
+        layers = jax.eval_shape(self._unstack, params)
         token_B = jax.ShapeDtypeStruct((B,), jnp.int32)
         visible_BC = jax.ShapeDtypeStruct((B, C), jnp.bool_)
-        compiled = self._decode.lower(params, cache, token_B, token_B, visible_BC, jax.random.key(0)).compile()
+        compiled = self._decode.lower(params, layers, cache, token_B, token_B, visible_BC, jax.random.key(0)).compile()
         memory = compiled.memory_analysis()
+        # The per-layer weight copies count once: they replace the stacked layers, which decoding
+        # does not read (and which a serving process need not keep).
+        layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layers))
         return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                   + memory.temp_size_in_bytes)
+                   + memory.temp_size_in_bytes - layer_bytes)
 
     def run(self, params: dict, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int] = (),
             on_tokens: Callable[[np.ndarray], None] | None = None,
@@ -107,6 +120,7 @@ class Generator:
 
         keys = jax.random.split(jax.random.key(self.sampling.seed), new_tokens)
         token_B, logits_BV, cache = self._prefill(params, tokens_BS, positions_BS, visible_BSC, keys[0])
+        layers = self._unstack(params) if new_tokens > 1 else None
         position_B = real_BS.sum(axis=1).astype(np.int32)  # the first generated token's position
         steps, logits = [], []
         done_B = np.zeros(B, bool)
@@ -124,7 +138,7 @@ class Generator:
                 break
             index = T + S + step  # the slot this step's token goes to (`cache.index` on the device)
             visible_BC = real_BC & (slots_C[None, :] <= index)
-            token_B, logits_BV, cache = self._decode(params, cache, token, position_B + step, visible_BC,
+            token_B, logits_BV, cache = self._decode(params, layers, cache, token, position_B + step, visible_BC,
                                                      keys[step + 1])
         generated = np.stack(steps, axis=1)
         results = []

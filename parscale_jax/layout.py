@@ -17,7 +17,7 @@ from parscale_jax.model import param_info
 from parscale_jax.sharding import rules_for, spec
 
 Path = tuple[str, ...]  # a parameter's keys in the parameter dict
-CACHE_AXES = ("layers", "stream", "batch", "length", "kv_heads", "head_dim")  # KV cache [L, P, B, C, K, H]
+LAYER_CACHE_AXES = ("stream", "batch", "length", "kv_heads", "head_dim")  # a layer's KV cache [P, B, C, K, H]
 
 
 def make_mesh(config: Config, devices: list[Any] | None = None) -> Mesh:
@@ -69,10 +69,6 @@ class Layout:
     def batch_sharding(self) -> NamedSharding:
         """`[B, ...]` batch arrays: rows over `data`, the same on every stream and model device."""
         return self.sharding(("batch",))
-
-    def cache_sharding(self) -> NamedSharding:
-        """The generation KV cache `[L, P, B, C, n_kv, head_dim]`: streams, rows and kv heads as in training."""
-        return self.sharding(CACHE_AXES)
 
     def param_sharding(self, path: Path, ndim: int) -> NamedSharding:
         axes = self.param_axes.get(path)

@@ -68,6 +68,10 @@ def scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH
     `shared_state` holds the layer weights `[L, ...]`; `prefix_state` the prefixes `[L, P, K, T, H]`
     (empty when P = 1); `kv` the cache keys and values `[L, P, B, C, K, H]`, written at slot `index`
     (None in training, where the layers are rematerialized by `remat`).
+
+    Given as lists of per-layer states (and `kv` as per-layer pairs), the same layers run as a Python
+    loop: decoding does, since a scan reads each layer's weights out of the stacked arrays at half
+    the bandwidth of separate ones, and a decode step is nothing but reading the weights.
     """
 
     def layer(x_PBSD, per_layer):
@@ -78,6 +82,13 @@ def scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH
         layer_kv = None if cache is None else (cache.k, cache.v)
         return constrain(x_PBSD, ("stream", "batch", "length", "act_embed")), (layer_kv, aux)
 
+    if isinstance(shared_state, list):
+        outputs = []
+        for shared, prefix, layer_kv in zip(shared_state, prefix_state, kv or [None] * len(shared_state)):
+            x_PBSD, output = layer(x_PBSD, (shared, prefix, layer_kv))
+            outputs.append(output)
+        kv = None if kv is None else [layer_kv for layer_kv, _ in outputs]
+        return x_PBSD, kv, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(aux for _, aux in outputs))
     if remat != "none" and kv is None:
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
     h_PBSD, (kv, aux) = jax.lax.scan(layer, x_PBSD, (shared_state, prefix_state, kv))
@@ -127,18 +138,28 @@ class ParScaleLM(nnx.Module):
         logits_BSV, aux, _ = self.forward(tokens_BS, positions_BS, mask)
         return logits_BSV, aux
 
-    def decode(self, tokens_BS, positions_BS, cache: KVCache, visible_BSC) -> tuple[jax.Array, KVCache]:
+    def decode(self, tokens_BS, positions_BS, cache: KVCache, visible_BSC,
+               layers: tuple[list, list] | None = None) -> tuple[jax.Array, KVCache]:
         """(logits `[B, S, V]`, the updated cache) of S new tokens, written into the cache at
-        `cache.index`; `visible_BSC` says which cache slots each new token sees (generate.py)."""
-        logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, AttentionMask(visible_BSC=visible_BSC), cache)
+        `cache.index`; `visible_BSC` says which cache slots each new token sees (generate.py).
+        `layers` (from `unstack_layers`, with a cache of per-layer arrays) runs the layers as a loop."""
+        mask = AttentionMask(visible_BSC=visible_BSC)
+        logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, mask, cache, layers)
         return logits_BSV, cache
 
-    def forward(self, tokens_BS, positions_BS, mask, cache: KVCache | None = None):
+    def unstack_layers(self) -> tuple[list, list]:
+        """(per-layer weight states, per-layer prefix states): copies of the stacked layers, one per layer."""
+        _, prefix_state, shared_state = nnx.split(self.layers, ParScaleParam, ...)
+        L = self.config.num_layers
+        return ([jax.tree.map(lambda x, l=l: x[l], shared_state) for l in range(L)],
+                [jax.tree.map(lambda x, l=l: x[l], prefix_state) for l in range(L)])
+
+    def forward(self, tokens_BS, positions_BS, mask, cache: KVCache | None = None, layers=None):
         """(logits, aux, cache): the one forward path of training, prefill and decoding."""
         cfg = self.config
         cos_BSH, sin_BSH = rope_tables(positions_BS, cfg.head_dim, cfg.rope_theta)
         x_BSD = constrain(self.embed_tokens(tokens_BS), ("batch", "length", "act_embed"))  # shared by all streams
-        h_PBSD, aux, cache = self.streams(x_BSD, cos_BSH, sin_BSH, mask, cache)
+        h_PBSD, aux, cache = self.streams(x_BSD, cos_BSH, sin_BSH, mask, cache, layers)
         h_BSD, weights_BSP = self.aggregate(h_PBSD)
         if cfg.parscale_n > 1:
             entropy_BS = -jnp.sum(weights_BSP * jnp.log(weights_BSP), axis=-1)
@@ -146,16 +167,23 @@ class ParScaleLM(nnx.Module):
         logits_BSV = constrain(self.lm_logits(h_BSD), ("batch", "length", "act_vocab"))
         return logits_BSV, aux, cache
 
-    def streams(self, x_BSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None):
+    def streams(self, x_BSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None, layers=None):
         """(final-normed hidden states of every stream `[P, B, S, D]`, aux averaged over layers, the
         updated cache or None). Every stream starts from the same embeddings; the layers see the
-        streams as one more leading axis (their weights are shared, only the prefixes differ)."""
+        streams as one more leading axis (their weights are shared, only the prefixes differ).
+        With `layers` (per-layer states) the cache holds per-layer tuples of arrays."""
         P = self.config.parscale_n
         layers_def, prefix_state, shared_state = nnx.split(self.layers, ParScaleParam, ...)
+        if layers is not None:
+            shared_state, prefix_state = layers
         x_PBSD = constrain(jnp.broadcast_to(x_BSD, (P, *x_BSD.shape)), ("stream", "batch", "length", "act_embed"))
         kv, index = (None, None) if cache is None else ((cache.k, cache.v), cache.index)
+        if kv is not None and layers is not None:
+            kv = list(zip(*kv))
         h_PBSD, kv, aux = scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask,
                                       kv, index, self.config.remat)
+        if kv is not None and layers is not None:
+            kv = tuple(zip(*kv))
         cache = None if cache is None else KVCache(*kv, cache.index + x_BSD.shape[1])
         return self.norm(h_PBSD), aux.mean(), cache
 
