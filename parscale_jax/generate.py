@@ -84,11 +84,11 @@ class Generator:
         visible_BC = jax.ShapeDtypeStruct((B, C), jnp.bool_)
         compiled = self._decode.lower(params, layers, cache, token_B, token_B, visible_BC, jax.random.key(0)).compile()
         memory = compiled.memory_analysis()
-        # The per-layer weight copies count once: they replace the stacked layers, which decoding
-        # does not read (and which a serving process need not keep).
-        layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layers))
+        # The weights count once: the per-layer copies are arguments, and the stacked layers, which
+        # the step does not read, are dropped from the compiled program (`jax.jit` keeps no unused
+        # argument), as a serving process need not keep them.
         return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                   + memory.temp_size_in_bytes - layer_bytes)
+                   + memory.temp_size_in_bytes)
 
     def run(self, params: dict, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int] = (),
             on_tokens: Callable[[np.ndarray], None] | None = None,

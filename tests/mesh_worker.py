@@ -3,7 +3,7 @@
     python tests/mesh_worker.py OUT_DIR
 
 writes OUT_DIR/results.json (losses, grad norms and shardings per mesh), OUT_DIR/<mesh>.npz
-(the first step's gradients) and OUT_DIR/generation.npz (greedy generation on the (1, 2, 4) mesh).
+(the first step's gradients; splash-2x2x2.npz with the splash attention kernels) and OUT_DIR/generation.npz (greedy generation on the (1, 2, 4) mesh).
 The helpers are imported by the test too, to compute the single-device reference the same way.
 """
 
@@ -142,6 +142,9 @@ def main(out_dir: Path) -> None:
     train(tiny_config(*mesh_overrides((2, 2, 2), True)), run_dir, progress=False, stop_at=2)
     train(tiny_config(*mesh_overrides((1, 2, 4), False)), run_dir, progress=False)
     results["resume"] = {"losses": logged(run_dir, "loss")}
+    # The Pallas splash kernels (interpreted here) under shard_map, streams split by the vmap.
+    np.savez(out_dir / "splash-2x2x2.npz",
+             **first_gradients(tiny_config(*mesh_overrides((2, 2, 2), True), "model.attention=splash")))
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     np.savez(out_dir / "generation.npz", **generation(tiny_config(*mesh_overrides((1, 2, 4), False))))
 

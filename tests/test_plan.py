@@ -82,6 +82,15 @@ def test_tpu_plan_is_compiled_by_the_tpu_compiler(tmp_path):
     assert "the target's compiler" in stdout
 
 
+def test_splash_attention_compiles_for_a_tpu_mesh(tmp_path):
+    """The Mosaic kernels lower for the real TPU compiler, each device running its own part (XLA
+    refuses to partition a Mosaic kernel outside shard_map)."""
+    code, stdout, stderr, report = plan(tmp_path, "--topology", "v5e-8", *TINY, "model.attention=splash",
+                                        "mesh.data=2", "mesh.stream=2", "mesh.model=2")
+    assert code == 0, stdout + stderr
+    assert report["exact"] and report["mesh"] == {"data": 2, "stream": 2, "model": 2}
+
+
 def test_tpu_plan_refuses_what_does_not_fit(tmp_path):
     code, stdout, stderr, report = plan(tmp_path, "--config", "paper_1.6b", "--topology", "v5p-8", "model.parscale_n=8")
     assert code == 1 and report is not None, stdout + stderr

@@ -23,6 +23,8 @@ from jax.ad_checkpoint import checkpoint_name
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.model.layers import Linear, apply_rope, normal
 from parscale_jax.model.params import ParScaleParam, declare
+from parscale_jax.model.splash import splash_attention
+from parscale_jax.sharding import RULES
 
 
 @jax.tree_util.register_dataclass
@@ -186,8 +188,17 @@ def jax_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, mask:
     return jax.nn.dot_product_attention(q_BSNH, k_BCKH, v_BCKH, mask=mask.full()[:, None])
 
 
+def splash(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, mask: AttentionMask) -> jax.Array:
+    """Pallas splash attention (splash.py) where the mask comes from segment ids (training, and any
+    recomputation); while decoding, whose mask is given dense, the einsum kernel."""
+    if mask.visible_BSC is not None:
+        return einsum_attention(q_BSNH, k_BCKH, v_BCKH, mask)
+    return splash_attention(q_BSNH, k_BCKH, v_BCKH, mask.segment_ids_BS)
+
+
 # model.attention -> (queries [B,S,N,H], keys [B,C,K,H], values [B,C,K,H], AttentionMask) -> [B,S,N,H]
-KERNELS = {"einsum": einsum_attention, "blockwise": blockwise_attention, "dot_product_attention": jax_attention}
+KERNELS = {"einsum": einsum_attention, "blockwise": blockwise_attention, "dot_product_attention": jax_attention,
+           "splash": splash}
 
 
 def attention_mask(segment_ids_BS: jax.Array, prefix_slots: int) -> AttentionMask:
@@ -250,11 +261,13 @@ class Attention(nnx.Module):
         else:  # the cache, which already holds the prefix and the earlier tokens
             cache = cache.write(k_PBSKH, v_PBSKH)
             k_PBCKH, v_PBCKH = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
-        # The kernel sees one stream at a time; every stream has the same mask.
+        # The kernel sees one stream at a time (split over the stream devices); every stream has the
+        # same mask.
         if P == 1:
             out_PBSNH = self.kernel(q_PBSNH[0], k_PBCKH[0], v_PBCKH[0], mask)[None]
         else:
-            out_PBSNH = jax.vmap(self.kernel, in_axes=(0, 0, 0, None))(q_PBSNH, k_PBCKH, v_PBCKH, mask)
+            out_PBSNH = jax.vmap(self.kernel, in_axes=(0, 0, 0, None), spmd_axis_name=RULES["stream"])(
+                q_PBSNH, k_PBCKH, v_PBCKH, mask)
         return self.o_proj(out_PBSNH.reshape(P, B, S, N * H)), cache
 
     def _after_prefix(self, x_PBSKH: jax.Array, name: str) -> jax.Array:
