@@ -223,6 +223,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from parscale_jax import bench_data
+
+    started = time.perf_counter()
+    results = bench_data.run(Path(args.work), args.small_mb, args.large_mb)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "data.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"== data ({results['seconds']} s; {path})")
+    print(bench_data.format_report(results))
+    return 0
+
+
 def _fit_and_plot(groups: dict, plot: str, predict: tuple[float, float] | None = None) -> dict:
     """Fit the law to each group of (N, P, loss) points, print the fits and plot them."""
     from parscale_jax import scaling_law
@@ -283,6 +297,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     fit = fits["all"][0]
     write_atomic(out / "fit.json", json.dumps({**dataclasses.asdict(fit.law), "r2": fit.r2}, indent=2) + "\n")
     print(f"results: {out / 'results.csv'}\nfit:     {out / 'fit.json'}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from parscale_jax.prepare import prepare
+
+    start = time.monotonic()
+    manifest = prepare(args.out, args.inputs, args.tokenizer, args.eval_fraction, args.text_key, args.shard_tokens,
+                       progress=not args.no_progress)
+    print(f"{args.out}: {manifest['documents']:,} documents, {manifest['train_tokens']:,} training and "
+          f"{manifest['eval_tokens']:,} held-out tokens in {len(manifest['shards'])} shard(s) "
+          f"({time.monotonic() - start:.1f} s); train on it with data.sources={args.out}")
     return 0
 
 
@@ -395,6 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("overrides", nargs="*", metavar="section.key=value")
         one.set_defaults(func=cmd_bench)
 
+    data_bench = benchmarks.add_parser("data", help="prepare throughput, start-up and memory against corpus "
+                                       "size, input pipeline against the training step")
+    data_bench.add_argument("--work", default="bench/data-work", help="where the corpora and datasets go")
+    data_bench.add_argument("--small-mb", type=float, default=10, help="the small corpus, in MB of text")
+    data_bench.add_argument("--large-mb", type=float, default=2000, help="the large corpus, in MB of text")
+    data_bench.add_argument("--out", default="bench/results", help="where data.json goes")
+    data_bench.set_defaults(func=cmd_bench_data)
+
     law = commands.add_parser(
         "fit-law", help="fit the parallel scaling law L = (A / (N (k ln P + 1)))^alpha + E to measured losses",
         description="RESULTS is a CSV with columns non_embedding_params (or N), P and final_loss (or eval_loss, "
@@ -419,6 +453,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweeper.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweeper.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to the base config")
     sweeper.set_defaults(func=cmd_sweep)
+
+    preparer = commands.add_parser(
+        "prepare", help="tokenize corpora once into sharded token files for data.sources",
+        description="Reads .txt (a file is a document), .jsonl, .jsonl.gz, .jsonl.zst and .parquet files, "
+                    "or folders of them, from local paths or anything etils.epath opens; writes ArrayRecord "
+                    "shards and a manifest. A killed run continues where it stopped when run again.")
+    preparer.add_argument("--out", required=True, help="the dataset folder to write")
+    preparer.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json (default: byte)")
+    preparer.add_argument("--eval-fraction", type=float, default=0.01,
+                          help="share of documents held out for evaluation (default: 0.01)")
+    preparer.add_argument("--text-key", default="text", help="the JSON field or Parquet column of the text")
+    preparer.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (default: 2^26)")
+    preparer.add_argument("--no-progress", action="store_true")
+    preparer.add_argument("inputs", nargs="+", metavar="INPUT")
+    preparer.set_defaults(func=cmd_prepare)
 
     planner = commands.add_parser(
         "plan", help="compile the train step for a TPU topology or GPU count and report per-device memory",

