@@ -164,6 +164,19 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upscale(args: argparse.Namespace) -> int:
+    if args.insert is not None and not args.identity:
+        raise ConfigError("--identity", "--insert K adds identity blocks: say so with --identity")
+    from parscale_jax.transforms.upscale import upscale
+
+    summary = upscale(args.source, args.out, args.drop, args.insert, args.overrides)
+    print(f"{summary['run_dir']}: {summary['layers']} layers ({summary['method']}), from layers "
+          f"{summary['layer_map']}" + (f"; identity blocks at {summary['identity_layers']}"
+                                       if summary["identity_layers"] else "") +
+          f". Train it with: parscale-jax train --run-dir {args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from parscale_jax.convert import export_run
     from parscale_jax.runs import Run
@@ -386,6 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--config", help="data/train settings to start from (a YAML file or shipped config name)")
     importer.add_argument("overrides", nargs="*", metavar="section.key=value")
     importer.set_defaults(func=cmd_import)
+
+    upscaler = commands.add_parser(
+        "upscale", help="a deeper run from a trained one: SOLAR depth up-scaling or identity blocks",
+        description="--drop M stacks layers 0..n-M-1 and M..n-1 (SOLAR); --insert K --identity adds K copies "
+                    "of existing blocks, evenly interleaved, with zero output projections (the function is "
+                    "unchanged). Prefixes follow the layers; the new run starts with a fresh optimizer.")
+    upscaler.add_argument("--from", dest="source", required=True, metavar="RUN_OR_HF_DIR")
+    upscaler.add_argument("--out", required=True, help="the run directory to create")
+    method = upscaler.add_mutually_exclusive_group(required=True)
+    method.add_argument("--drop", type=int, metavar="M", help="SOLAR: drop M layers from each copy")
+    method.add_argument("--insert", type=int, metavar="K", help="insert K identity blocks (with --identity)")
+    upscaler.add_argument("--identity", action="store_true", help="the inserted blocks start as the identity")
+    upscaler.add_argument("overrides", nargs="*", metavar="section.key=value",
+                          help="data/train settings of the new run (the model's shape is fixed)")
+    upscaler.set_defaults(func=cmd_upscale)
 
     exporter = commands.add_parser("export", help="write a run's model as a Hugging Face checkpoint")
     exporter.add_argument("--run-dir", required=True)

@@ -1,0 +1,106 @@
+"""Depth up-scaling: a deeper model made from the layers of a trained one.
+
+- SOLAR (`drop=M`): two copies of the n layers, the first without its last M and the second without
+  its first M, stacked: layers 0 .. n-M-1 then M .. n-1, 2(n - M) in all. Not function-preserving;
+  continued pretraining recovers the loss.
+- Identity blocks (`insert=K`, as LLaMA-Pro): the n layers in K even groups, each followed by a copy
+  of its last layer whose output projections (`o_proj`, `down_proj`) are zero, so that every new
+  block adds nothing to the residual stream and the model computes exactly what it did.
+
+Every parameter stacked over the layers follows the layer map, ParScale's per-layer prefixes
+included; the embedding, final norm and aggregator are kept. The new run starts from these weights
+with a fresh optimizer and records its lineage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from parscale_jax import convert, hf
+from parscale_jax.config import Config, ConfigError, load_config, to_dict
+from parscale_jax.layout import Layout
+from parscale_jax.model import split_params
+from parscale_jax.runs import Run, check_new
+
+# The projections whose output enters the residual stream: zero in an identity block.
+OUTPUT_PROJECTIONS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+
+
+def solar_layers(num_layers: int, drop: int) -> list[int]:
+    if not 0 < drop < num_layers:
+        raise ConfigError("--drop", f"must lie in [1, {num_layers - 1}] for a {num_layers}-layer model, got {drop}")
+    return list(range(num_layers - drop)) + list(range(drop, num_layers))
+
+
+def identity_layers(num_layers: int, insert: int) -> tuple[list[int], list[bool]]:
+    """(source layer of each new layer, whether it is an inserted identity copy)."""
+    if not 0 < insert <= num_layers:
+        raise ConfigError("--insert", f"must lie in [1, {num_layers}] for a {num_layers}-layer model, got {insert}")
+    bounds = [round(num_layers * (g + 1) / insert) for g in range(insert)]
+    layers, inserted, start = [], [], 0
+    for end in bounds:
+        layers += list(range(start, end)) + [end - 1]
+        inserted += [False] * (end - start) + [True]
+        start = end
+    return layers, inserted
+
+
+def _read_source(source: Path, layout_for) -> tuple[Config, dict, dict[str, Any]]:
+    """(config, parameters as numpy, lineage) of a run directory or a Hugging Face checkpoint."""
+    if (source / "config.yaml").is_file():
+        run = Run.open(source)
+        layout = layout_for(run.config)
+        with jax.set_mesh(layout.mesh):
+            params, step = run.params(layout)
+        return run.config, jax.tree.map(np.asarray, params), {"made_from": "run", "path": str(source.absolute()),
+                                                               "step": step, "parent": run.lineage()}
+    if (source / "config.json").is_file():
+        config, _ = convert.import_config(source, [])
+        _, params = hf.read_hf_checkpoint(source)
+        return config, params, {"made_from": "huggingface", "path": str(source.absolute())}
+    raise ConfigError("--from", f"{source} is neither a run directory (config.yaml) nor a Hugging Face "
+                      "checkpoint (config.json)")
+
+
+def upscale(source: str | Path, out: str | Path, drop: int | None = None, insert: int | None = None,
+            overrides: list[str] | None = None) -> dict[str, Any]:
+    """Write the up-scaled run `out`; returns a summary with the layer map."""
+    if (drop is None) == (insert is None):
+        raise ConfigError("--drop", "choose one: --drop M (SOLAR) or --insert K --identity")
+    out = Path(out)
+    check_new(out)
+    config, params, lineage = _read_source(Path(source), Layout.create)
+    n = config.model.num_layers
+    if drop is not None:
+        layers, inserted, method = solar_layers(n, drop), [False] * (2 * (n - drop)), "solar"
+    else:
+        (layers, inserted), method = identity_layers(n, insert), "identity"
+    index = np.asarray(layers)
+    params = dict(params, layers=jax.tree.map(lambda x: x[index], params["layers"]))
+    for block, projection in OUTPUT_PROJECTIONS:
+        leaves = params["layers"][block][projection]
+        params["layers"][block][projection] = jax.tree.map(
+            lambda x: np.where(np.asarray(inserted).reshape(-1, *[1] * (x.ndim - 1)), 0, x).astype(x.dtype), leaves)
+
+    values = to_dict(config)
+    values["model"]["num_layers"] = len(layers)
+    new = load_config(base=values, overrides=list(overrides or ()))
+    if dataclasses.replace(new.model, num_layers=n) != dataclasses.replace(config.model, num_layers=n):
+        raise ConfigError("overrides", "upscale keeps the model's shape apart from its depth")
+    layout = Layout.create(new)
+    parscale, backbone = split_params(params, new.model)
+    dtype = np.dtype(new.model.param_dtype)
+    with jax.set_mesh(layout.mesh):
+        initial = {"backbone": layout.place(backbone, dtype)}
+        if new.model.parscale_n > 1:
+            initial[f"parscale_p{new.model.parscale_n}"] = layout.place(parscale, dtype)
+        Run.create(out, new, {**lineage, "transform": {"upscale": method, "layer_map": layers,
+                                                      "identity_layers": [i for i, x in enumerate(inserted) if x]}},
+                   initial)
+    return {"run_dir": str(out.absolute()), "method": method, "layers": len(layers), "layer_map": layers,
+            "identity_layers": [i for i, x in enumerate(inserted) if x]}
