@@ -275,3 +275,21 @@ def test_prepare_runs_as_a_command_on_a_fresh_process(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "documents" in result.stderr and "MB/s" in result.stderr and "ETA" in result.stderr  # progress
     assert f"data.sources={tmp_path / 'ds'}" in result.stdout
+
+
+def test_the_data_benchmark_measures_on_real_text(tmp_path):
+    """`bench data`'s pieces on a small corpus: the generated text, prepare beside the tokenizer,
+    and the pipeline's rows/s (the start-up runs are the ones `bench data` adds)."""
+    from parscale_jax import bench_data
+
+    texts = sorted(bench_data.stdlib_texts(), key=len)[100:140]  # small files: the corpus repeats them
+    written = bench_data.make_corpus(tmp_path / "corpus", 0.3, texts)
+    assert written >= 0.3e6
+    lines = (tmp_path / "corpus" / "part-0000.jsonl").read_text().splitlines()
+    assert len(lines) > len(texts) and json.loads(lines[len(texts)])["text"] != json.loads(lines[0])["text"]
+    tokenizer = bench_data.train_bpe(texts, tmp_path / "tokenizer.json", vocab_size=400)
+    figures = bench_data.prepare_throughput(tmp_path / "corpus", tokenizer, tmp_path / "ds")
+    assert figures["prepare_mb_s"] > 0 and figures["tokenizer_alone_mb_s"] > 0
+    assert prepared.read_manifest(str(tmp_path / "ds"))["tokenizer"]["vocab_size"] == 400
+    prepare.prepare(str(tmp_path / "byte"), [str(tmp_path / "corpus")], progress=False)
+    assert bench_data.pipeline_rows_per_s(tmp_path / "byte", batches=5) > 0
