@@ -19,8 +19,7 @@ import numpy as np
 from parscale_jax import hf
 from parscale_jax.config import Config, ConfigError, DataConfig, ModelConfig, load_config
 from parscale_jax.layout import Layout
-from parscale_jax.model import split_params
-from parscale_jax.runs import Run, check_new
+from parscale_jax.runs import Run, check_new, initial_weights
 
 # What a checkpoint fixes; overrides may change the rest (P, T, ε, dtypes, remat).
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -55,17 +54,13 @@ def import_checkpoint(hf_dir: str | Path, run_dir: str | Path, overrides: list[s
     layout = Layout.create(config)
 
     _, numpy_params = hf.read_hf_checkpoint(hf_dir)
-    parscale, backbone = split_params(numpy_params, checkpoint)
     dtype = np.dtype(config.model.param_dtype)
     kept = checkpoint.parscale_n == config.model.parscale_n and \
         checkpoint.parscale_n_tokens == config.model.parscale_n_tokens
     lineage = {"made_from": "huggingface", "path": str(hf_dir.absolute()), "checkpoint_streams": checkpoint.parscale_n,
                "new_streams": config.model.parscale_n > 1 and not kept}
     with jax.set_mesh(layout.mesh):
-        initial = {"backbone": layout.place(backbone, dtype)}
-        if checkpoint.parscale_n > 1:
-            initial[f"parscale_p{checkpoint.parscale_n}"] = layout.place(parscale, dtype)
-        Run.create(run_dir, config, lineage, initial)
+        Run.create(run_dir, config, lineage, initial_weights(layout, numpy_params, checkpoint, dtype))
     return {
         "run_dir": str(run_dir.absolute()),
         "parameters": int(sum(x.size for x in jax.tree.leaves(numpy_params))),

@@ -236,6 +236,14 @@ def _split_rows(data: DataConfig, split: str) -> Rows:
     return pack_documents(_tokenize(docs, tokenizer), data.seq_len, tokenizer.eos_id)
 
 
+@functools.lru_cache(maxsize=4)
+def _prepared_eval_rows(data: DataConfig, max_rows: int) -> Rows:
+    """Rows of the prepared sources' held-out documents (all of them, or the first `max_rows`)."""
+    documents = prepared.eval_documents(data, max_rows * (data.seq_len + 1))
+    rows = pack_documents(documents, data.seq_len, None)  # the documents end in their end token
+    return take_rows(rows, slice(max_rows or None))
+
+
 def _check_vocab(config: Config) -> None:
     if config.data.sources:
         vocab_size = prepared.vocab_size(config.data)
@@ -295,7 +303,7 @@ def eval_batches(config: Config, rows: Rows | None = None, limit: int = 0) -> It
     if rows is None:
         _check_vocab(config)
         if config.data.sources:
-            rows = prepared.eval_rows(config.data, limit * batch_size)
+            rows = _prepared_eval_rows(config.data, limit * batch_size)
         else:
             rows = _split_rows(config.data, "eval")
     num_batches = math.ceil(len(rows["tokens"]) / batch_size)

@@ -70,6 +70,7 @@ class Generator:
         self._prefill = jax.jit(prefill, out_shardings=(replicated, replicated, cache_shardings))
         self._decode = jax.jit(decode, donate_argnums=2, out_shardings=(replicated, replicated, cache_shardings))
         self._unstack = jax.jit(lambda params: nnx.merge(graphdef, nnx.State(params)).unstack_layers())
+        self._unstacked: tuple[dict, tuple] | None = None  # (params, their per-layer copies)
 
     def decode_memory_bytes(self, params: dict) -> int:
         """Device memory of one decode step as compiled: parameters, cache, inputs, outputs and
@@ -89,6 +90,12 @@ class Generator:
         # argument), as a serving process need not keep them.
         return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                    + memory.temp_size_in_bytes)
+
+    def _layers_of(self, params: dict) -> tuple:
+        """The per-layer copies of `params`' weights, made once for the parameters a generator runs with."""
+        if self._unstacked is None or self._unstacked[0] is not params:
+            self._unstacked = (params, self._unstack(params))
+        return self._unstacked[1]
 
     def run(self, params: dict, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int] = (),
             on_tokens: Callable[[np.ndarray], None] | None = None,
@@ -120,7 +127,7 @@ class Generator:
 
         keys = jax.random.split(jax.random.key(self.sampling.seed), new_tokens)
         token_B, logits_BV, cache = self._prefill(params, tokens_BS, positions_BS, visible_BSC, keys[0])
-        layers = self._unstack(params) if new_tokens > 1 else None
+        layers = self._layers_of(params) if new_tokens > 1 else None
         position_B = real_BS.sum(axis=1).astype(np.int32)  # the first generated token's position
         steps, logits = [], []
         done_B = np.zeros(B, bool)

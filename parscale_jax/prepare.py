@@ -32,6 +32,7 @@ from parscale_jax.prepared import (
     MANIFEST,
     WRITER_OPTIONS,
     DataError,
+    mix64,
     token_dtype,
     tokenizer_sha256,
 )
@@ -138,9 +139,7 @@ def read_documents(path: epath.Path, text_key: str, counted: _Counted) -> Iterat
 def is_held_out(index: int, eval_fraction: float) -> bool:
     """Whether document `index` (in input order) is held out: a hash of the index, so the split is
     by document, fixed for given inputs, and needs no second pass."""
-    x = (index * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 31)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 29)) < eval_fraction * 2.0**64
+    return mix64(index) < eval_fraction * 2.0**64
 
 
 @dataclass

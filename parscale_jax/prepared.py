@@ -124,7 +124,7 @@ def vocab_size(data: DataConfig) -> int:
 # --- Training rows ---
 
 
-def _mix64(x: int) -> int:
+def mix64(x: int) -> int:
     """splitmix64's finalizer: a well-spread 64-bit hash of an integer."""
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
@@ -169,7 +169,7 @@ class PackedRows(grain.IterDataset):
     def choose_source(self, slot: int, draw: int) -> int:
         if len(self.sources) == 1:
             return 0
-        u = _mix64(_mix64(_mix64(self.seed) ^ slot) ^ draw)
+        u = mix64(mix64(mix64(self.seed) ^ slot) ^ draw)
         return sum(u >= t for t in self.thresholds)
 
 
@@ -238,27 +238,17 @@ def train_dataset(config: Config, rows: slice) -> PackedRows:
 # --- Held-out rows ---
 
 
-@functools.lru_cache(maxsize=4)
-def eval_rows(data: DataConfig, max_rows: int) -> dict[str, np.ndarray]:
-    """Rows packed from the sources' held-out documents, source after source, in their prepared
-    order; with `max_rows` > 0 only as many documents are read as those rows need."""
+def eval_documents(data: DataConfig, max_tokens: int) -> list[np.ndarray]:
+    """The sources' held-out documents (end token included), source after source in their prepared
+    order; with `max_tokens` > 0 only as many as hold that many tokens."""
     row_len = data.seq_len + 1
-    pieces, docs, total = [], [], 0
-    for source in open_sources(data):
-        for document in source.eval_documents():
-            pieces.append(document)
-            docs.append(np.full(len(document), len(docs), np.int32))
-            total += len(document)
-            if max_rows and total >= max_rows * row_len:
-                break
-        if max_rows and total >= max_rows * row_len:
+    documents, total = [], 0
+    for document in (d for source in open_sources(data) for d in source.eval_documents()):
+        documents.append(document)
+        total += len(document)
+        if max_tokens and total >= max_tokens:
             break
-    num_rows = total // row_len
-    if max_rows:
-        num_rows = min(num_rows, max_rows)
-    if num_rows == 0:
+    if total < row_len:
         raise DataError(f"the held-out documents of data.sources hold {total} tokens, fewer than one row of "
                         f"data.seq_len + 1 = {row_len}: prepare with a larger --eval-fraction")
-    tokens = np.concatenate(pieces)[:num_rows * row_len].reshape(num_rows, row_len)
-    doc_ids = np.concatenate(docs)[:num_rows * row_len].reshape(num_rows, row_len)
-    return rows_from_tokens(tokens, doc_ids)
+    return documents

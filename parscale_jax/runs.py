@@ -43,6 +43,16 @@ def check_new(directory: Path) -> None:
         raise ConfigError("--out", f"{directory} is already a run directory; make a new one")
 
 
+def initial_weights(layout: Layout, params: dict, cfg, dtype) -> dict[str, dict]:
+    """`Run.create`'s `initial` from every parameter of a model of `cfg`: the backbone, and its
+    stream set when P > 1, placed on `layout` in `dtype`."""
+    parscale, backbone = split_params(params, cfg)
+    initial = {"backbone": layout.place(backbone, dtype)}
+    if cfg.parscale_n > 1:
+        initial[f"parscale_p{cfg.parscale_n}"] = layout.place(parscale, dtype)
+    return initial
+
+
 def partition_trainable(params: dict, config: Config) -> tuple[dict, dict]:
     """(trained, frozen) parameters: with `train.trainable=parscale` only the prefixes and the
     aggregator train and the backbone is frozen; otherwise everything trains."""

@@ -24,8 +24,7 @@ import numpy as np
 from parscale_jax import convert, hf
 from parscale_jax.config import Config, ConfigError, load_config, to_dict
 from parscale_jax.layout import Layout
-from parscale_jax.model import split_params
-from parscale_jax.runs import Run, check_new
+from parscale_jax.runs import Run, check_new, initial_weights
 
 # The projections whose output enters the residual stream: zero in an identity block.
 OUTPUT_PROJECTIONS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
@@ -50,11 +49,11 @@ def identity_layers(num_layers: int, insert: int) -> tuple[list[int], list[bool]
     return layers, inserted
 
 
-def _read_source(source: Path, layout_for) -> tuple[Config, dict, dict[str, Any]]:
+def _read_source(source: Path) -> tuple[Config, dict, dict[str, Any]]:
     """(config, parameters as numpy, lineage) of a run directory or a Hugging Face checkpoint."""
     if (source / "config.yaml").is_file():
         run = Run.open(source)
-        layout = layout_for(run.config)
+        layout = Layout.create(run.config)
         with jax.set_mesh(layout.mesh):
             params, step = run.params(layout)
         return run.config, jax.tree.map(np.asarray, params), {"made_from": "run", "path": str(source.absolute()),
@@ -74,18 +73,17 @@ def upscale(source: str | Path, out: str | Path, drop: int | None = None, insert
         raise ConfigError("--drop", "choose one: --drop M (SOLAR) or --insert K --identity")
     out = Path(out)
     check_new(out)
-    config, params, lineage = _read_source(Path(source), Layout.create)
+    config, params, lineage = _read_source(Path(source))
     n = config.model.num_layers
     if drop is not None:
         layers, inserted, method = solar_layers(n, drop), [False] * (2 * (n - drop)), "solar"
     else:
         (layers, inserted), method = identity_layers(n, insert), "identity"
-    index = np.asarray(layers)
-    params = dict(params, layers=jax.tree.map(lambda x: x[index], params["layers"]))
+    identity = [i for i, x in enumerate(inserted) if x]
+    params = dict(params, layers=jax.tree.map(lambda x: x[np.asarray(layers)], params["layers"]))  # copies
     for block, projection in OUTPUT_PROJECTIONS:
-        leaves = params["layers"][block][projection]
-        params["layers"][block][projection] = jax.tree.map(
-            lambda x: np.where(np.asarray(inserted).reshape(-1, *[1] * (x.ndim - 1)), 0, x).astype(x.dtype), leaves)
+        for leaf in jax.tree.leaves(params["layers"][block][projection]):
+            leaf[identity] = 0
 
     values = to_dict(config)
     values["model"]["num_layers"] = len(layers)
@@ -93,14 +91,9 @@ def upscale(source: str | Path, out: str | Path, drop: int | None = None, insert
     if dataclasses.replace(new.model, num_layers=n) != dataclasses.replace(config.model, num_layers=n):
         raise ConfigError("overrides", "upscale keeps the model's shape apart from its depth")
     layout = Layout.create(new)
-    parscale, backbone = split_params(params, new.model)
-    dtype = np.dtype(new.model.param_dtype)
+    transform = {"upscale": method, "layer_map": layers, "identity_layers": identity}
     with jax.set_mesh(layout.mesh):
-        initial = {"backbone": layout.place(backbone, dtype)}
-        if new.model.parscale_n > 1:
-            initial[f"parscale_p{new.model.parscale_n}"] = layout.place(parscale, dtype)
-        Run.create(out, new, {**lineage, "transform": {"upscale": method, "layer_map": layers,
-                                                      "identity_layers": [i for i, x in enumerate(inserted) if x]}},
-                   initial)
+        initial = initial_weights(layout, params, new.model, np.dtype(new.model.param_dtype))
+        Run.create(out, new, {**lineage, "transform": transform}, initial)
     return {"run_dir": str(out.absolute()), "method": method, "layers": len(layers), "layer_map": layers,
-            "identity_layers": [i for i, x in enumerate(inserted) if x]}
+            "identity_layers": identity}
