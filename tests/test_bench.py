@@ -77,7 +77,7 @@ def test_bench_measures_the_torch_peer_side_by_side(tmp_path, capsys):
     out = tmp_path / "bench"
     for name in ("train", "decode"):
         assert main(["bench", name, "--config", "default", "--out", str(out), "--streams", "1,2", "--batches", "1",
-                     "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--steps", "1", "--peer", "torch",
+                     "--prompt-len", "8", "--new-tokens", "8", "--repeats", "3", "--steps", "1", "--peer", "torch",
                      *TINY]) == 0
     printed = capsys.readouterr().out
     assert "ours / torch" in printed and "torch / ours" in printed
