@@ -69,26 +69,36 @@ def train_tokens_per_s(config: Config, steps: int) -> float:
 
 
 def decode_latency_s(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
-    """Per-token greedy decode latency of the peer with its KV cache: (time for `new_tokens` - time
-    for 1) / (new_tokens - 1), each the median of `repeats` runs, as `bench decode` measures ours."""
+    """Per-token greedy decode latency of the peer with its KV cache: the median interval between
+    consecutive tokens over `repeats` runs, as `bench decode` measures ours (a logits processor,
+    called once per token, notes the time)."""
     import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from parscale_jax.bench import step_latency_s
+
+    class Stamp(LogitsProcessor):
+        def __init__(self, times: list[float]):
+            self.times = times
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
 
     model = torch_model(cfg).eval()
     prompt = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)))
     mask = torch.ones_like(prompt)
 
-    def run(n: int) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            with torch.inference_mode():
-                model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=0)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
+    def run(times: list[float]) -> None:
+        with torch.inference_mode():
+            model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([Stamp(times)]))
 
-    run(2)  # warm up
-    return max(run(new_tokens) - run(1), 0.0) / (new_tokens - 1)
+    run([])  # warm up
+    stamps = [[] for _ in range(repeats)]
+    for times in stamps:
+        run(times)
+    return step_latency_s(stamps)
 
 
 def with_streams(config: Config, P: int) -> Config:

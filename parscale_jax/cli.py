@@ -77,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = None  # the held-out split
     if args.text:
         rows = data.text_file_rows(args.text, data.load_tokenizer(run.config.data), run.config.data.seq_len)
-    result = {**evaluate(run, rows, args.batches), "source": args.text or "held-out split"}
+    result = {**evaluate(run, rows, args.batches, args.step), "source": args.text or "held-out split"}
     out = Path(args.out) if args.out else run.directory / f"eval_step{result['step']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
@@ -98,7 +98,7 @@ def sampling_config(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from parscale_jax.runs import Run
 
-    run = Run.open(args.run_dir, args.overrides)
+    run = Run.open(args.run_dir, args.overrides).settled(args.step, "generate")
     config = run.config
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("--prompt", "give one --prompt TEXT or a --prompts FILE (one prompt per line)")
@@ -371,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run-dir", required=True)
     evaluate.add_argument("--text", help="a text file to evaluate on instead of the held-out split")
     evaluate.add_argument("--batches", type=int, default=0, help="stop after this many batches (0: all)")
+    evaluate.add_argument("--step", type=int, help="which checkpoint (default: the latest; 0: the starting weights)")
     evaluate.add_argument("--out", help="where to write the JSON result (default: RUN_DIR/eval_stepN.json)")
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value")
     evaluate.set_defaults(func=cmd_eval)

@@ -60,6 +60,25 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GrowthStage:
+    """One growth event of `train.growth` (growth.py): after `step` steps the model takes the sizes
+    given here (the others stay), and the new parts fade in over `ramp_steps` steps."""
+
+    step: int = 0
+    ramp_steps: int = 100
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_heads: int | None = None  # with num_kv_heads, keeping num_heads / num_kv_heads
+    num_kv_heads: int | None = None
+    num_layers: int | None = None  # new layers go on top
+    parscale_n: int | None = None  # new streams (from P = 1 not exactly function-preserving)
+    seed: int | None = None  # of the new weights; None: train.seed + the stage's number
+
+
+GROWN = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "num_layers", "parscale_n")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
     batch_size: int = 16  # global batch, in rows of data.seq_len tokens
@@ -80,6 +99,7 @@ class TrainConfig:
     eval_batches: int = 8  # batches of held-out data per evaluation; 0: the whole split
     trainable: str = "all"  # "parscale": train only prefixes and aggregator on a frozen backbone (PEFT)
     on_nonfinite: str = "skip"  # NaN/Inf loss or gradients: skip that update, or stop with the last good state saved
+    growth: tuple[GrowthStage, ...] = ()  # masked structural growth during the run (growth.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +167,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if inner is SourceConfig:  # a bare path is a source of weight 1: data.sources=DIR1,DIR2
             return tuple(_build(inner, {"path": v} if isinstance(v, str) else v, f"{key}[{i}].")
                          for i, v in enumerate(value))
+        if dataclasses.is_dataclass(inner):
+            return tuple(_build(inner, v, f"{key}[{i}].") for i, v in enumerate(value))
         return tuple(_check_type(key, v, inner) for v in value)
     if annotation is bool:
         if not isinstance(value, bool):
@@ -428,10 +450,48 @@ def validate(config: Config) -> Config:
     _require(0.0 <= t.b2 < 1.0, "train.b2", f"must lie in [0, 1), got {t.b2}")
 
     validate_mesh(config.mesh, m, t)
+    validate_growth(config)
 
     _require(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
     return config
+
+
+def stage_models(config: Config) -> list[ModelConfig]:
+    """The model before any growth, then after each stage of `train.growth` (head_dim kept)."""
+    models = [config.model]
+    for stage in config.train.growth:
+        sizes = {name: getattr(stage, name) for name in GROWN if getattr(stage, name) is not None}
+        models.append(dataclasses.replace(models[-1], **sizes, head_dim=config.model.head_dim))
+    return models
+
+
+def validate_growth(config: Config) -> None:
+    t, stages = config.train, config.train.growth
+    models = stage_models(config)
+    for i, (stage, old, new) in enumerate(zip(stages, models, models[1:])):
+        key = f"train.growth[{i}]"
+        _require(0 <= stage.step < t.steps, f"{key}.step", f"must lie in [0, train.steps={t.steps}), got {stage.step}")
+        _require(stage.ramp_steps >= 1, f"{key}.ramp_steps", f"must be >= 1, got {stage.ramp_steps}")
+        if i + 1 < len(stages):
+            _require(stage.step + stage.ramp_steps <= stages[i + 1].step, f"{key}.ramp_steps",
+                     f"the ramp ends at step {stage.step + stage.ramp_steps}, after the next stage begins "
+                     f"(step {stages[i + 1].step})")
+        grows = [name for name in GROWN if getattr(new, name) != getattr(old, name)]
+        _require(bool(grows), key, f"grows nothing: give one of {', '.join(GROWN)} larger than now")
+        for name in GROWN:
+            _require(getattr(new, name) >= getattr(old, name), f"{key}.{name}",
+                     f"growth cannot shrink: {getattr(old, name)} -> {getattr(new, name)}")
+        _require(new.num_heads * old.num_kv_heads == old.num_heads * new.num_kv_heads, f"{key}.num_kv_heads",
+                 f"{new.num_heads} heads on {new.num_kv_heads} kv heads: the new query heads come with new kv "
+                 f"heads, {old.num_heads // old.num_kv_heads} per kv head as before")
+        try:
+            validate_model(new)
+            validate_mesh(config.mesh, new, t)
+        except ConfigError as err:
+            raise ConfigError(key, f"the grown model: {err}") from None
+    _require(not stages or t.trainable == "all", "train.growth",
+             "grows the whole model; it cannot be combined with train.trainable=parscale")
 
 
 def validate_sampling(s: SamplingConfig) -> SamplingConfig:

@@ -75,6 +75,7 @@ def export_run(run: Run, out_dir: str | Path, step: int | None = None, dtype: st
                max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> dict[str, Any]:
     """Write a run's parameters (latest checkpoint, or `step`; its starting weights if it has not
     trained yet) as a Hugging Face checkpoint."""
+    run = run.settled(step, "export")
     config = run.config
     dtype = dtype or config.model.param_dtype
     if dtype not in hf.EXPORT_DTYPES:

@@ -14,6 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from parscale_jax.config import MESH_AXES, Config, ConfigError, resolve_mesh
 from parscale_jax.model import param_info
+from parscale_jax.model.config import ModelConfig
 from parscale_jax.sharding import rules_for, spec
 
 Path = tuple[str, ...]  # a parameter's keys in the parameter dict
@@ -55,10 +56,16 @@ class Layout:
 
     @classmethod
     def create(cls, config: Config, devices: list[Any] | None = None) -> Layout:
-        mesh = make_mesh(config, devices)
-        info = param_info(config.model)
-        axes = {path: leaf.axes for path, leaf in _flat(info).items()}
-        return cls(mesh, rules_for(config.model.num_kv_heads, mesh.shape, config.mesh.fsdp), axes)
+        return cls.on(make_mesh(config, devices), config.model, config.mesh.fsdp)
+
+    @classmethod
+    def on(cls, mesh: Mesh, model: ModelConfig, fsdp: bool) -> Layout:
+        axes = {path: leaf.axes for path, leaf in _flat(param_info(model)).items()}
+        return cls(mesh, rules_for(model.num_kv_heads, mesh.shape, fsdp), axes)
+
+    def for_model(self, model: ModelConfig) -> Layout:
+        """The same mesh laid out for another shape of model (a grown one)."""
+        return Layout.on(self.mesh, model, fsdp=self.rules["embed"] == "data")
 
     def sharding(self, logical_axes: tuple[str, ...]) -> NamedSharding:
         return NamedSharding(self.mesh, spec(logical_axes, self.rules))
@@ -80,15 +87,15 @@ class Layout:
 
     def param_shardings(self, params: Any) -> Any:
         """Shardings of a parameter tree (arrays or ShapeDtypeStructs; all parameters or a part)."""
-        return jax.tree_util.tree_map_with_path(lambda path, x: self.param_sharding(_keys(path), x.ndim), params)
+        return jax.tree_util.tree_map_with_path(lambda path, x: self.param_sharding(keys_of(path), x.ndim), params)
 
     def state_shardings(self, state: dict) -> dict:
         """Shardings of a train state: optimizer moments follow their parameter, scalars replicate."""
         params = self.param_shardings(state["params"])
-        by_path = {_keys(path): s for path, s in jax.tree_util.tree_leaves_with_path(params)}
+        by_path = {keys_of(path): s for path, s in jax.tree_util.tree_leaves_with_path(params)}
 
         def opt_leaf(path, leaf):
-            return by_path.get(_keys(path), self.replicated())
+            return by_path.get(keys_of(path), self.replicated())
 
         return {"step": self.replicated(), "params": params,
                 "opt_state": jax.tree_util.tree_map_with_path(opt_leaf, state["opt_state"]),
@@ -127,10 +134,10 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _keys(path) -> Path:
+def keys_of(path) -> Path:
     """The dict keys along a pytree path (optax's wrappers add attribute and index entries)."""
     return tuple(str(entry.key) for entry in path if isinstance(entry, jax.tree_util.DictKey))
 
 
 def _flat(tree: dict) -> dict[Path, Any]:
-    return {_keys(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {keys_of(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

@@ -31,7 +31,9 @@ from parscale_jax.config import Config, ConfigError, config_differences, from_di
 from parscale_jax.errors import CheckpointError
 from parscale_jax.files import write_atomic
 from parscale_jax.layout import Layout, with_shardings
+from parscale_jax.growth import Schedule
 from parscale_jax.model import abstract_params, init_params, merge_params, split_params
+from parscale_jax.model.config import ModelConfig
 
 # Where the run is laid out, saved and reported: a resumed run computes the same either way.
 FREE_TO_CHANGE = ("mesh.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches")
@@ -105,6 +107,28 @@ class Run:
 
     def checkpointer(self) -> Checkpointer:
         return Checkpointer(self.checkpoint_dir, self.config.checkpoint)
+
+    # -- shape (a run with `train.growth` changes it at each stage; growth.py)
+
+    def model_at(self, step: int) -> ModelConfig:
+        """The model whose parameters the checkpoint of `step` holds."""
+        return Schedule(self.config).model_at(step)
+
+    def settled(self, step: int | None, what: str) -> Run:
+        """This run as a plain model of the shape of `step`'s checkpoint (default: the newest), for
+        `what` (eval, generate, export) to read; a run without `train.growth` is that already."""
+        if not self.config.train.growth:
+            return self
+        if step is None:
+            step = max(complete_steps(self.checkpoint_dir), default=0)
+        return Run(self.directory, self.settled_config(step, what))
+
+    def settled_config(self, step: int, what: str) -> Config:
+        """The run's config with the model of `step`'s checkpoint, as a plain model (no growth left to
+        do), for reading it: refused for a step inside a growth ramp, whose masks are not all 1."""
+        model = Schedule(self.config).require_settled(step, what)
+        return dataclasses.replace(self.config, model=model,
+                                   train=dataclasses.replace(self.config.train, growth=()))
 
     # -- config and lineage
 
@@ -201,7 +225,9 @@ class Run:
             step = max(steps)
         elif step not in steps:
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.checkpoint_dir} (it has {steps})")
-        trained, _ = partition_trainable(abstract_params(self.config.model), self.config)
+        model = self.settled_config(step, "reading its weights").model
+        layout = layout.for_model(model)
+        trained, _ = partition_trainable(abstract_params(model), self.config)
         checkpointer = self.checkpointer()
         try:  # only the parameters: the optimizer state stays on disk
             params = checkpointer.restore_part(step, {"params": layout.on_mesh(trained)})["params"]
@@ -209,21 +235,24 @@ class Run:
             checkpointer.close()
         return merge_params(self.frozen_params(layout), params), step
 
-    def resume(self, layout: Layout, checkpointer: Checkpointer, create_state: Callable[[dict], dict], train_iter,
-               fallback: bool) -> tuple[int, dict, dict]:
+    def resume(self, layout: Layout, checkpointer: Checkpointer, state_fn: Callable[[ModelConfig], Callable],
+               train_iter, fallback: bool) -> tuple[int, dict, dict]:
         """(step, train state, frozen parameters) to start from: the newest checkpoint, with `train_iter`
-        moved to its position, or step 0. With `fallback`, a damaged checkpoint is set aside and the
-        one before it is tried."""
+        moved to its position, or step 0. `state_fn(model)` gives the function that makes a train
+        state of that model from its parameters. With `fallback`, a damaged checkpoint is set aside
+        and the one before it is tried."""
         step = checkpointer.latest_step()
         if step is None:
             trained, frozen = self.start_params(layout)
+            create_state = state_fn(self.config.model)
             state_shardings = layout.state_shardings(jax.eval_shape(create_state, trained))
             return 0, jax.jit(create_state, out_shardings=state_shardings)(trained), frozen
         frozen = self.frozen_params(layout)
-        abstract_state = jax.eval_shape(create_state, partition_trainable(abstract_params(self.config.model),
-                                                                          self.config)[0])
-        abstract_state = with_shardings(abstract_state, layout.state_shardings(abstract_state))
         while True:
+            model = self.model_at(step)
+            abstract_state = jax.eval_shape(state_fn(model), partition_trainable(abstract_params(model),
+                                                                                 self.config)[0])
+            abstract_state = with_shardings(abstract_state, layout.for_model(model).state_shardings(abstract_state))
             try:
                 return step, checkpointer.restore(step, abstract_state, train_iter), frozen
             except CheckpointError as err:

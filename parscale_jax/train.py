@@ -9,6 +9,7 @@ model's parameters as a nested dict, turned back into the NNX model inside the l
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import sys
 import time
@@ -24,14 +25,17 @@ from tqdm import tqdm
 
 from parscale_jax import data
 from parscale_jax.config import Config, TrainConfig, to_dict
+from parscale_jax.growth import Phase, Ramp, Schedule
 from parscale_jax.counting import train_flops_per_token
 from parscale_jax.errors import NonFiniteError
 from parscale_jax.layout import Layout
 from parscale_jax.logger import MetricsLogger
-from parscale_jax.model import DECAYED, merge_params, model_graphdef, param_info
+from parscale_jax.model import DECAYED, GrowthMasks, init_params, merge_params, model_graphdef, param_info
+from parscale_jax.model.config import ModelConfig
 from parscale_jax.preemption import StopRequests
 from parscale_jax.runs import Run, partition_trainable
 from parscale_jax.sharding import constrain
+from parscale_jax.transforms.grow import grow_state
 
 Batch = dict[str, jax.Array]
 STEPS_IN_FLIGHT = 2  # dispatched steps whose flags the host has not read yet
@@ -74,14 +78,15 @@ def make_optimizer(t: TrainConfig, decay_mask: dict) -> optax.GradientTransforma
 # Loss and steps
 
 
-def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float):
+def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, masks: GrowthMasks | None = None):
     """(objective summed over target tokens, (cross-entropy sum, target-token count, the model's Aux)).
 
     Sums rather than means, so micro-batches add up to exactly the full batch. The model's auxiliary
     losses are means over tokens; they count once per target token, like the cross-entropy.
+    `masks`: while a grown model's new parts fade in (growth.py).
     """
     model = nnx.merge(graphdef, nnx.State(params))
-    logits_BSV, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits_BSV, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], masks)
     logits_BSV = logits_BSV.astype(jnp.float32)
     log_z_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
     target_logit_BS = jnp.take_along_axis(logits_BSV, batch["targets"][..., None], axis=-1)[..., 0]
@@ -93,24 +98,27 @@ def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float)
     return objective, (ce_sum, n_tokens, aux)
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    t: TrainConfig) -> Callable[[dict, dict, Batch, jax.Array], tuple[dict, dict]]:
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, t: TrainConfig,
+                    ramp: Ramp | None = None) -> Callable[[dict, dict, Batch, jax.Array], tuple[dict, dict]]:
     """`train_step(state, frozen, batch, halted)`: only `state["params"]` is trained; `frozen` holds
     the parameters that are not (the backbone under `train.trainable=parscale`, else nothing).
 
     `halted` (a device bool) is the previous step's `metrics["halted"]`: under
     `train.on_nonfinite=stop` a non-finite step sets it, and every step after leaves the state as
     it was, so the loop can read the flags a few steps late and still save the last good state.
+
+    With a growth `ramp`, the model's new parts are masked by its value at the state's step.
     """
     schedule = learning_rate_schedule(t)
 
-    def objective(params: dict, frozen: dict, batch: Batch):
-        return loss_sums(merge_params(frozen, params), graphdef, batch, t.z_loss)
+    def objective(params: dict, frozen: dict, batch: Batch, masks):
+        return loss_sums(merge_params(frozen, params), graphdef, batch, t.z_loss, masks)
 
     grad_fn = jax.grad(objective, has_aux=True)
 
     def train_step(state: dict, frozen: dict, batch: Batch, halted: jax.Array) -> tuple[dict, dict]:
         params = state["params"]
+        masks = None if ramp is None else ramp.masks(state["step"])
         # Gradient accumulation: scan over micro-batches, summing float32 gradients. Micro-batch a
         # takes rows a, a+A, a+2A, ..., so each one stays spread over the `data` devices as is.
         micro_batches = jax.tree.map(
@@ -119,7 +127,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
         def accumulate(carry, micro_batch):
             grads, ce_sum, n_tokens = carry
-            g, (ce, n, aux) = grad_fn(params, frozen, micro_batch)
+            g, (ce, n, aux) = grad_fn(params, frozen, micro_batch, masks)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, ce_sum + ce, n_tokens + n), aux
 
@@ -153,26 +161,27 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def jit_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, t: TrainConfig,
-                   layout: Layout, state_shardings: dict, frozen_shardings: dict):
+                   layout: Layout, state_shardings: dict, frozen_shardings: dict, ramp: Ramp | None = None):
     """The train step compiled for `layout`: state stays where the rules put it and is donated."""
-    return jax.jit(make_train_step(graphdef, optimizer, t), donate_argnums=0,
+    return jax.jit(make_train_step(graphdef, optimizer, t, ramp), donate_argnums=0,
                    in_shardings=(state_shardings, frozen_shardings, layout.batch_sharding(), layout.replicated()),
                    out_shardings=(state_shardings, layout.replicated()))
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], tuple[jax.Array, jax.Array]]:
-    def eval_step(params: dict, batch: Batch):
-        _, (ce_sum, n_tokens, _) = loss_sums(params, graphdef, batch, 0.0)
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    def eval_step(params: dict, batch: Batch, masks: GrowthMasks | None = None):
+        _, (ce_sum, n_tokens, _) = loss_sums(params, graphdef, batch, 0.0, masks)
         return ce_sum, n_tokens
 
     return eval_step
 
 
-def mean_loss(eval_step, params: dict, batches: Iterable[dict[str, np.ndarray]]) -> tuple[float, int]:
+def mean_loss(eval_step, params: dict, batches: Iterable[dict[str, np.ndarray]],
+              masks: GrowthMasks | None = None) -> tuple[float, int]:
     """(mean next-token cross-entropy, number of target tokens) over `batches`."""
     ce_total, n_total = 0.0, 0.0
     for batch in batches:
-        ce_sum, n_tokens = eval_step(params, batch)
+        ce_sum, n_tokens = eval_step(params, batch, masks)
         ce_total += float(ce_sum)
         n_total += float(n_tokens)
     if n_total == 0:
@@ -184,8 +193,10 @@ def mean_loss(eval_step, params: dict, batches: Iterable[dict[str, np.ndarray]])
 # State and evaluation
 
 
-def create_state_fn(config: Config):
-    """(graphdef, optimizer, `create_state(trained_params)` building the initial train state)."""
+def create_state_fn(config: Config, model: ModelConfig | None = None):
+    """(graphdef, optimizer, `create_state(trained_params)` building the initial train state) of
+    `model` (default: the config's; a grown one under `train.growth`)."""
+    config = config if model is None else dataclasses.replace(config, model=model)
     decay_mask, _ = partition_trainable(weight_decay_mask(param_info(config.model)), config)
     optimizer = make_optimizer(config.train, decay_mask)
 
@@ -199,7 +210,7 @@ def create_state_fn(config: Config):
 def jit_eval_step(graphdef: nnx.GraphDef, layout: Layout, params: dict):
     """The eval step compiled for `params` as laid out on `layout`."""
     shardings = jax.tree.map(lambda x: x.sharding, params)
-    return jax.jit(make_eval_step(graphdef), in_shardings=(shardings, layout.batch_sharding()),
+    return jax.jit(make_eval_step(graphdef), in_shardings=(shardings, layout.batch_sharding(), layout.replicated()),
                    out_shardings=layout.replicated())
 
 
@@ -215,6 +226,7 @@ def placed_eval_batches(config: Config, layout: Layout, rows: data.Rows | None =
 def evaluate(run: Run, rows: data.Rows | None = None, limit: int = 0, step: int | None = None) -> dict[str, Any]:
     """Mean loss of a run's latest checkpoint (or `step`; 0: its starting weights) on `rows`
     (default: the held-out split)."""
+    run = run.settled(step, "eval")
     layout = Layout.create(run.config)
     with jax.set_mesh(layout.mesh):
         batches = placed_eval_batches(run.config, layout, rows, limit)
@@ -222,6 +234,39 @@ def evaluate(run: Run, rows: data.Rows | None = None, limit: int = 0, step: int 
         eval_step = jit_eval_step(model_graphdef(run.config.model), layout, params)
         loss, target_tokens = mean_loss(eval_step, params, batches)
     return {"step": step, "loss": loss, "target_tokens": target_tokens}
+
+
+# ---------------------------------------------------------------------------------------------
+# Growth (growth.py): the steps of each phase, and the state grown between them
+
+
+def compile_steps(config: Config, layout: Layout, phase: Phase, state: dict, frozen: dict):
+    """(train step, eval step) of `phase`'s model and ramp, for `state` as it is laid out."""
+    graphdef, optimizer, _ = create_state_fn(config, phase.model)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    train_step = jit_train_step(graphdef, optimizer, config.train, layout, state_shardings, frozen_shardings,
+                                phase.ramp)
+    return train_step, jit_eval_step(graphdef, layout, merge_params(frozen, state["params"]))
+
+
+def grow(config: Config, layout: Layout, schedule: Schedule, state: dict, old: ModelConfig, new: ModelConfig,
+         step: int) -> dict:
+    """The train state of `old`'s shape carried over to `new`'s at the stage that begins at `step`:
+    new weights seeded by the stage, parameters and Adam moments in their leading blocks."""
+    _, _, create_state = create_state_fn(config, new)
+    seed = schedule.seed_of(schedule.stage_index(step))
+
+    def grown(state):
+        return grow_state(state, create_state(init_params(new, seed)), old, new)
+
+    shardings = layout.for_model(new).state_shardings(jax.eval_shape(grown, state))
+    return jax.jit(grown, out_shardings=shardings)(state)
+
+
+def describe_growth(model: ModelConfig) -> str:
+    return (f"hidden {model.hidden_size}, MLP {model.intermediate_size}, {model.num_heads} heads "
+            f"({model.num_kv_heads} kv), {model.num_layers} layers, P = {model.parscale_n}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,20 +290,17 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
         my_rows = layout.process_rows(t.batch_size)
         train_iter = iter(data.train_dataset(config, my_rows))
 
-        graphdef, optimizer, create_state = create_state_fn(config)
         checkpointer = run.checkpointer()
-        start, state, frozen = run.resume(layout, checkpointer, create_state, train_iter, fallback)
+        start, state, frozen = run.resume(layout, checkpointer, lambda model: create_state_fn(config, model)[2],
+                                          train_iter, fallback)
         run.save_config()
         if start == 0:
             run.record_fresh_start()
 
         is_main = jax.process_index() == 0
         logger = MetricsLogger(run.directory, enabled=is_main, resume_step=start)
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-        train_step = jit_train_step(graphdef, optimizer, t, layout, state_shardings, frozen_shardings)
-        eval_step = jit_eval_step(graphdef, layout, merge_params(frozen, state["params"]))
-        flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
+        schedule = Schedule(config)
+        model, phase = run.model_at(start), None  # the state's shape; what the steps are compiled for
 
         bar = tqdm(total=t.steps, initial=start, disable=not (progress and is_main), unit="step",
                    dynamic_ncols=True)
@@ -287,6 +329,17 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
                           f"({int(metrics['skipped_steps'])} skipped so far)", file=sys.stderr)
 
         for step in range(start + 1, end + 1):
+            if schedule.phase(step - 1) != phase:  # the first step, a growth stage, or the end of a ramp
+                while pending:
+                    check(*pending.popleft())
+                phase = schedule.phase(step - 1)
+                if phase.model != model:
+                    state = grow(config, layout, schedule, state, model, phase.model, step - 1)
+                    model = phase.model
+                    if is_main:
+                        bar.write(f"step {step - 1}: grew the model to {describe_growth(model)}")
+                train_step, eval_step = compile_steps(config, layout, phase, state, frozen)
+                flops_per_token = train_flops_per_token(model, config.data.seq_len)
             # Where a stop on a non-finite step rewinds the data to.
             position = train_iter.get_state() if t.on_nonfinite == "stop" else None
             state, metrics = train_step(state, frozen, layout.put_batch(next(train_iter), t.batch_size), halted)
@@ -309,6 +362,7 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
                 record = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"],
                           "grad_norm": metrics["grad_norm"], "skipped_steps": int(metrics["skipped_steps"]),
                           "tokens_per_s": tokens_per_s, "tflops_per_s": tokens_per_s * flops_per_token / 1e12,
+                          "flops": schedule.flops(step),
                           **{k: v for k, v in metrics.items() if k.startswith(("aux/", "stat/"))}}
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_start, window_tokens, window_eval_s = time.perf_counter(), 0, 0.0
@@ -316,7 +370,8 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
                 eval_start = time.perf_counter()
                 record["step"] = step
                 record["eval_loss"], _ = mean_loss(eval_step, merge_params(frozen, state["params"]),
-                                                   placed_eval_batches(config, layout, None, t.eval_batches))
+                                                   placed_eval_batches(config, layout, None, t.eval_batches),
+                                                   schedule.masks_at(step))
                 window_eval_s += time.perf_counter() - eval_start
             if record:
                 logger.log(record)

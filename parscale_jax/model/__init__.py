@@ -7,7 +7,7 @@ and `REMAT_POLICIES` (model.remat).
 from parscale_jax.model.attention import KERNELS as ATTENTION_KERNELS
 from parscale_jax.model.attention import AttentionMask, KVCache, attention_mask
 from parscale_jax.model.ffn import FFN_TYPES
-from parscale_jax.model.layers import Aux, apply_rope, rope_tables
+from parscale_jax.model.layers import Aux, GrowthMasks, apply_rope, rope_tables
 from parscale_jax.model.lm import (
     REMAT_POLICIES,
     ParScaleLM,
@@ -22,7 +22,7 @@ from parscale_jax.model.lm import (
 )
 from parscale_jax.model.params import DECAYED, ParamInfo, ParScaleParam
 
-__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "AttentionMask", "Aux", "KVCache",
+__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "AttentionMask", "Aux", "GrowthMasks", "KVCache",
            "ParScaleLM",
            "ParScaleParam", "ParamInfo", "abstract_params", "apply_rope", "attention_mask", "init_params",
            "merge_params", "model_graphdef", "param_info", "prefix_slots", "rope_tables", "scan_layers", "split_params"]

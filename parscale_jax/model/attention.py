@@ -242,11 +242,13 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.kernel = KERNELS[cfg.attention]
 
-    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None):
+    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None,
+                 live_N: jax.Array | None = None):
         """(output `[P, B, S, D]`, the cache with this step's keys and values written, or None).
 
         The projections see the P streams as more rows (they share the weights); only the keys and
-        values differ per stream, by the prefixes `[P, K, T, H]`.
+        values differ per stream, by the prefixes `[P, K, T, H]`. `live_N` masks the heads' outputs
+        while new heads fade in.
         """
         P, B, S, _ = x_PBSD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
@@ -268,6 +270,8 @@ class Attention(nnx.Module):
         else:
             out_PBSNH = jax.vmap(self.kernel, in_axes=(0, 0, 0, None), spmd_axis_name=RULES["stream"])(
                 q_PBSNH, k_PBCKH, v_PBCKH, mask)
+        if live_N is not None:
+            out_PBSNH = out_PBSNH * live_N[:, None].astype(out_PBSNH.dtype)
         return self.o_proj(out_PBSNH.reshape(P, B, S, N * H)), cache
 
     def _after_prefix(self, x_PBSKH: jax.Array, name: str) -> jax.Array:

@@ -2,7 +2,8 @@
 
 An entry is an `nnx.Module` built as `cls(cfg, rngs)` whose call maps `x_BSD` to `(y_BSD, Aux)`:
 the output, and any auxiliary losses and statistics it wants trained on and logged (a router's
-load-balancing loss, say). A new kind of feed-forward layer (Mixture-of-Experts) is a new entry
+load-balancing loss, say). An entry that can grow wider during training (`train.growth`) also takes
+`live_F`, the growth mask over its neurons. A new kind of feed-forward layer (Mixture-of-Experts) is a new entry
 here, declaring its parameters' axes and kinds; Block, the scan and the train step take it as is.
 """
 
@@ -12,7 +13,7 @@ import jax
 from flax import nnx
 
 from parscale_jax.model.config import ModelConfig
-from parscale_jax.model.layers import Aux, Linear
+from parscale_jax.model.layers import Aux, Linear, masked
 
 
 class SwiGLU(nnx.Module):
@@ -24,8 +25,8 @@ class SwiGLU(nnx.Module):
         self.up_proj = Linear(cfg, rngs, D, F, ("embed", "mlp"))
         self.down_proj = Linear(cfg, rngs, F, D, ("mlp", "embed"))
 
-    def __call__(self, x_BSD: jax.Array) -> tuple[jax.Array, Aux]:
-        return self.down_proj(nnx.silu(self.gate_proj(x_BSD)) * self.up_proj(x_BSD)), Aux.none()
+    def __call__(self, x_BSD: jax.Array, live_F: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+        return self.down_proj(masked(nnx.silu(self.gate_proj(x_BSD)) * self.up_proj(x_BSD), live_F)), Aux.none()
 
 
 FFN_TYPES: dict[str, type[nnx.Module]] = {"swiglu": SwiGLU}

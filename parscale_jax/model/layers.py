@@ -35,6 +35,23 @@ class Aux(NamedTuple):
         return jax.tree.map(jnp.mean, self)
 
 
+class GrowthMasks(NamedTuple):
+    """While a grown model's new parts fade in (growth.py): 1 on the old entries, m in [0, 1) on the
+    new ones; None where that size did not grow. `depth` is `[L]` for the model and one layer's
+    scalar inside a Block."""
+
+    hidden_D: jax.Array | None = None  # the residual stream's dimensions
+    mlp_F: jax.Array | None = None  # the MLP's neurons
+    heads_N: jax.Array | None = None  # the query heads (new ones come with their own kv heads)
+    depth: jax.Array | None = None  # a new layer adds m times its change to the residual stream
+    streams_P: jax.Array | None = None  # a new stream's share of the mix
+
+
+def masked(x: jax.Array, live: jax.Array | None) -> jax.Array:
+    """`x` times a mask over its last axis (as is without one)."""
+    return x if live is None else x * live.astype(x.dtype)
+
+
 def normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
@@ -69,11 +86,16 @@ class RMSNorm(nnx.Module):
         self.eps = cfg.rms_norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # Normalize in float32 (as Qwen2 does), scale in the compute dtype.
+    def __call__(self, x: jax.Array, live_D: jax.Array | None = None) -> jax.Array:
+        """Normalize in float32 (as Qwen2 does), scale in the compute dtype. With a growth mask the
+        statistic is over the live dimensions (their mask summed) and the output is masked again."""
         x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+        if live_D is None:
+            mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        else:
+            mean_square = jnp.sum(x32 * x32, axis=-1, keepdims=True) / jnp.sum(live_D)
+        x32 = x32 * jax.lax.rsqrt(mean_square + self.eps)
+        return masked(self.weight[...].astype(self.dtype) * x32.astype(self.dtype), live_D)
 
 
 def rope_tables(positions_BS: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

@@ -27,7 +27,7 @@ from flax import nnx
 from parscale_jax.model.attention import Attention, AttentionMask, KVCache, attention_mask
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.model.ffn import FFN_TYPES
-from parscale_jax.model.layers import Aux, Linear, RMSNorm, normal, rope_tables
+from parscale_jax.model.layers import Aux, GrowthMasks, Linear, RMSNorm, masked, normal, rope_tables
 from parscale_jax.model.params import ParScaleParam, declare, describe, merge_parts, split_parscale
 from parscale_jax.sharding import constrain
 
@@ -54,44 +54,58 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg)
         self.mlp = FFN_TYPES[cfg.ffn](cfg, rngs)
 
-    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None):
-        attended_PBSD, cache = self.self_attn(self.input_layernorm(x_PBSD), cos_BSH, sin_BSH, mask, cache)
-        x_PBSD = x_PBSD + attended_PBSD
-        mlp_PBSD, aux = self.mlp(self.post_attention_layernorm(x_PBSD))
-        return x_PBSD + mlp_PBSD, cache, aux
+    def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None,
+                 masks: GrowthMasks | None = None):
+        """(output, cache, aux). With growth `masks`, the new hidden dimensions, neurons and heads
+        contribute m times their output, and a new layer adds m times its change (as MSG grows)."""
+        g = masks or GrowthMasks()
+        attended_PBSD, cache = self.self_attn(self.input_layernorm(x_PBSD, g.hidden_D), cos_BSH, sin_BSH, mask,
+                                              cache, g.heads_N)
+        attended_PBSD = masked(attended_PBSD, g.hidden_D)
+        normed_PBSD = self.post_attention_layernorm(x_PBSD + attended_PBSD, g.hidden_D)
+        mlp_PBSD, aux = self.mlp(normed_PBSD) if g.mlp_F is None else self.mlp(normed_PBSD, live_F=g.mlp_F)
+        mlp_PBSD = masked(mlp_PBSD, g.hidden_D)
+        if g.depth is None:
+            return x_PBSD + attended_PBSD + mlp_PBSD, cache, aux
+        return x_PBSD + g.depth.astype(x_PBSD.dtype) * (attended_PBSD + mlp_PBSD), cache, aux
 
 
 def scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask, kv=None, index=None,
-                remat: str = "none"):
+                remat: str = "none", masks: GrowthMasks | None = None):
     """The P streams through the L stacked layers under `lax.scan`: (hidden states, kv, Aux per layer).
 
     `shared_state` holds the layer weights `[L, ...]`; `prefix_state` the prefixes `[L, P, K, T, H]`
     (empty when P = 1); `kv` the cache keys and values `[L, P, B, C, K, H]`, written at slot `index`
-    (None in training, where the layers are rematerialized by `remat`).
+    (None in training, where the layers are rematerialized by `remat`); `masks` the growth masks, whose
+    `depth` goes down the layers with them.
 
     Given as lists of per-layer states (and `kv` as per-layer pairs), the same layers run as a Python
     loop: decoding does, since a scan reads each layer's weights out of the stacked arrays at half
     the bandwidth of separate ones, and a decode step is nothing but reading the weights.
     """
 
+    depth = None if masks is None else masks.depth
+
     def layer(x_PBSD, per_layer):
-        shared, prefix, layer_kv = per_layer
+        shared, prefix, layer_kv, layer_depth = per_layer
         block = nnx.merge(layers_def, shared, prefix)
         cache = None if layer_kv is None else KVCache(*layer_kv, index)
-        x_PBSD, cache, aux = block(x_PBSD, cos_BSH, sin_BSH, mask, cache)
+        layer_masks = None if masks is None else masks._replace(depth=layer_depth)
+        x_PBSD, cache, aux = block(x_PBSD, cos_BSH, sin_BSH, mask, cache, layer_masks)
         layer_kv = None if cache is None else (cache.k, cache.v)
         return constrain(x_PBSD, ("stream", "batch", "length", "act_embed")), (layer_kv, aux)
 
     if isinstance(shared_state, list):
         outputs = []
-        for shared, prefix, layer_kv in zip(shared_state, prefix_state, kv or [None] * len(shared_state)):
-            x_PBSD, output = layer(x_PBSD, (shared, prefix, layer_kv))
+        L = len(shared_state)
+        for l, (shared, prefix, layer_kv) in enumerate(zip(shared_state, prefix_state, kv or [None] * L)):
+            x_PBSD, output = layer(x_PBSD, (shared, prefix, layer_kv, None if depth is None else depth[l]))
             outputs.append(output)
         kv = None if kv is None else [layer_kv for layer_kv, _ in outputs]
         return x_PBSD, kv, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(aux for _, aux in outputs))
     if remat != "none" and kv is None:
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    h_PBSD, (kv, aux) = jax.lax.scan(layer, x_PBSD, (shared_state, prefix_state, kv))
+    h_PBSD, (kv, aux) = jax.lax.scan(layer, x_PBSD, (shared_state, prefix_state, kv, depth))
     return h_PBSD, kv, aux
 
 
@@ -127,15 +141,16 @@ class ParScaleLM(nnx.Module):
                                                       **declare(("embed", "stream"), "matrix"))
             self.aggregate_out_bias = ParScaleParam(jnp.zeros((P,), param_dtype), **declare(("stream",), "bias"))
 
-    def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None) -> tuple[jax.Array, Aux]:
+    def __call__(self, tokens_BS, positions_BS=None, segment_ids_BS=None,
+                 masks: GrowthMasks | None = None) -> tuple[jax.Array, Aux]:
         """(logits `[B, S, V]`, aux) of whole sequences. Positions default to 0..S-1, segment ids to
-        one segment per row (0 marks padding)."""
+        one segment per row (0 marks padding); `masks` while a grown model's new parts fade in."""
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
         if segment_ids_BS is None:
             segment_ids_BS = jnp.ones_like(tokens_BS)
         mask = attention_mask(segment_ids_BS, prefix_slots(self.config))
-        logits_BSV, aux, _ = self.forward(tokens_BS, positions_BS, mask)
+        logits_BSV, aux, _ = self.forward(tokens_BS, positions_BS, mask, masks=masks)
         return logits_BSV, aux
 
     def decode(self, tokens_BS, positions_BS, cache: KVCache, visible_BSC,
@@ -154,20 +169,23 @@ class ParScaleLM(nnx.Module):
         return ([jax.tree.map(lambda x, l=l: x[l], shared_state) for l in range(L)],
                 [jax.tree.map(lambda x, l=l: x[l], prefix_state) for l in range(L)])
 
-    def forward(self, tokens_BS, positions_BS, mask, cache: KVCache | None = None, layers=None):
+    def forward(self, tokens_BS, positions_BS, mask, cache: KVCache | None = None, layers=None,
+                masks: GrowthMasks | None = None):
         """(logits, aux, cache): the one forward path of training, prefill and decoding."""
         cfg = self.config
         cos_BSH, sin_BSH = rope_tables(positions_BS, cfg.head_dim, cfg.rope_theta)
-        x_BSD = constrain(self.embed_tokens(tokens_BS), ("batch", "length", "act_embed"))  # shared by all streams
-        h_PBSD, aux, cache = self.streams(x_BSD, cos_BSH, sin_BSH, mask, cache, layers)
-        h_BSD, weights_BSP = self.aggregate(h_PBSD)
+        x_BSD = masked(self.embed_tokens(tokens_BS), None if masks is None else masks.hidden_D)
+        x_BSD = constrain(x_BSD, ("batch", "length", "act_embed"))  # shared by all streams
+        h_PBSD, aux, cache = self.streams(x_BSD, cos_BSH, sin_BSH, mask, cache, layers, masks)
+        h_BSD, weights_BSP = self.aggregate(h_PBSD, masks)
         if cfg.parscale_n > 1:
-            entropy_BS = -jnp.sum(weights_BSP * jnp.log(weights_BSP), axis=-1)
+            entropy_BS = jnp.sum(jax.scipy.special.entr(weights_BSP), axis=-1)  # a stream fading in has weight 0
             aux = aux.merge(Aux({}, {"stream_weight_entropy": jnp.mean(entropy_BS)}))
         logits_BSV = constrain(self.lm_logits(h_BSD), ("batch", "length", "act_vocab"))
         return logits_BSV, aux, cache
 
-    def streams(self, x_BSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None, layers=None):
+    def streams(self, x_BSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None, layers=None,
+                masks: GrowthMasks | None = None):
         """(final-normed hidden states of every stream `[P, B, S, D]`, aux averaged over layers, the
         updated cache or None). Every stream starts from the same embeddings; the layers see the
         streams as one more leading axis (their weights are shared, only the prefixes differ).
@@ -181,26 +199,36 @@ class ParScaleLM(nnx.Module):
         if kv is not None and layers is not None:
             kv = list(zip(*kv))
         h_PBSD, kv, aux = scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask,
-                                      kv, index, self.config.remat)
+                                      kv, index, self.config.remat, masks)
         if kv is not None and layers is not None:
             kv = tuple(zip(*kv))
         cache = None if cache is None else KVCache(*kv, cache.index + x_BSD.shape[1])
-        return self.norm(h_PBSD), aux.mean(), cache
+        return self.norm(h_PBSD, None if masks is None else masks.hidden_D), aux.mean(), cache
 
-    def aggregate(self, h_PBSD) -> tuple[jax.Array, jax.Array]:
-        """Input-dependent softmax mix of the streams: `(h_BSD, weights_BSP)`, in float32 inside."""
+    def aggregate(self, h_PBSD, masks: GrowthMasks | None = None) -> tuple[jax.Array, jax.Array]:
+        """Input-dependent softmax mix of the streams: `(h_BSD, weights_BSP)`, in float32 inside.
+
+        While new streams fade in (`masks.streams_P` = m), each stream's softmax term and share of
+        the smoothing are weighted by its mask, and a new stream's input to the aggregator by m."""
         P, B, S, D = h_PBSD.shape
         if P == 1:
             return h_PBSD[0], jnp.ones((B, S, 1), jnp.float32)
+        g = masks or GrowthMasks()
         dtype = jnp.dtype(self.config.dtype)
-        x_BSF = jnp.moveaxis(h_PBSD, 0, 2).reshape(B, S, P * D)
-        hidden_BSD = nnx.silu(x_BSF @ self.aggregate_in_kernel[...].astype(dtype)
-                              + self.aggregate_in_bias[...].astype(dtype))
+        seen_PBSD = h_PBSD if g.streams_P is None else h_PBSD * g.streams_P[:, None, None, None].astype(dtype)
+        x_BSF = jnp.moveaxis(seen_PBSD, 0, 2).reshape(B, S, P * D)
+        hidden_BSD = masked(nnx.silu(x_BSF @ self.aggregate_in_kernel[...].astype(dtype)
+                                     + self.aggregate_in_bias[...].astype(dtype)), g.hidden_D)
         logits_BSP = (hidden_BSD @ self.aggregate_out_kernel[...].astype(dtype)
-                      + self.aggregate_out_bias[...].astype(dtype))
-        weights_BSP = jax.nn.softmax(logits_BSP.astype(jnp.float32), axis=-1)
+                      + self.aggregate_out_bias[...].astype(dtype)).astype(jnp.float32)
         eps = self.config.parscale_attn_smooth
-        weights_BSP = weights_BSP * (1.0 - eps) + eps / P
+        if g.streams_P is None:
+            weights_BSP = jax.nn.softmax(logits_BSP, axis=-1) * (1.0 - eps) + eps / P
+        else:
+            live_P = g.streams_P
+            logits_BSP = jnp.where(live_P > 0, logits_BSP, -jnp.inf)  # a new stream at m = 0 takes nothing
+            exp_BSP = live_P * jnp.exp(logits_BSP - jnp.max(logits_BSP, axis=-1, keepdims=True))
+            weights_BSP = exp_BSP / jnp.sum(exp_BSP, axis=-1, keepdims=True) * (1.0 - eps) + eps * live_P / jnp.sum(live_P)
         h_BSD = jnp.einsum("bsp,pbsd->bsd", weights_BSP, h_PBSD.astype(jnp.float32))
         return h_BSD.astype(h_PBSD.dtype), weights_BSP
 

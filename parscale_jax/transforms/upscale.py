@@ -52,7 +52,7 @@ def identity_layers(num_layers: int, insert: int) -> tuple[list[int], list[bool]
 def _read_source(source: Path) -> tuple[Config, dict, dict[str, Any]]:
     """(config, parameters as numpy, lineage) of a run directory or a Hugging Face checkpoint."""
     if (source / "config.yaml").is_file():
-        run = Run.open(source)
+        run = Run.open(source).settled(None, "upscale")
         layout = Layout.create(run.config)
         with jax.set_mesh(layout.mesh):
             params, step = run.params(layout)

@@ -1,0 +1,115 @@
+"""Masked structural growth (MSG, Yao et al. 2024) as a schedule in the training config.
+
+`train.growth` lists stages; after stage k's `step` steps the model takes that stage's sizes
+(transforms/grow.py copies every old tensor into the leading block of the new one, and the Adam
+moments with it), and the new parts are multiplied by masks that ramp from 0 to 1 over
+`ramp_steps`: the model computes exactly the small model's function at the moment of growth,
+whatever the new weights are. Once the ramp is over the masks are dropped.
+
+Everything here is a pure function of the step, so a run killed mid-ramp resumes bitwise. Step
+numbers count finished updates, as the train state's "step" does: the update that takes the state
+from step k to k + 1 runs in `phase(k)`, and the checkpoint of step k holds a model of `model_at(k)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from parscale_jax.config import Config, ConfigError, GrowthStage, stage_models
+from parscale_jax.counting import train_flops_per_token
+from parscale_jax.model import GrowthMasks
+from parscale_jax.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Ramp:
+    """The masks of one stage while they ramp: the sizes before it (`old`) and after (`new`)."""
+
+    start: int
+    steps: int
+    old: ModelConfig
+    new: ModelConfig
+
+    def value(self, step):
+        """m: 0 at the stage's step, 1 once `steps` updates have passed (a traced step works too)."""
+        return jnp.clip((jnp.asarray(step, jnp.float32) - self.start) / self.steps, 0.0, 1.0)
+
+    def masks(self, step) -> GrowthMasks:
+        """1 on every old hidden dimension, MLP neuron, head, layer and stream, m on the new ones;
+        None where that size did not grow."""
+        m = self.value(step)
+
+        def live(name: str):
+            old, new = getattr(self.old, name), getattr(self.new, name)
+            return None if old == new else jnp.where(jnp.arange(new) < old, 1.0, m)
+
+        return GrowthMasks(hidden_D=live("hidden_size"), mlp_F=live("intermediate_size"), heads_N=live("num_heads"),
+                           depth=live("num_layers"), streams_P=live("parscale_n"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """What the update from a step runs: the model's shape, and the ramp when its masks are below 1."""
+
+    model: ModelConfig
+    ramp: Ramp | None
+
+
+class Schedule:
+    """`train.growth` of a config, as functions of the step."""
+
+    def __init__(self, config: Config):
+        self.stages: tuple[GrowthStage, ...] = config.train.growth
+        self.models = stage_models(config)  # [before any stage, after stage 0, ...]
+        self.seed = config.train.seed
+        self.tokens_per_step = config.train.batch_size * config.data.seq_len
+        self.seq_len = config.data.seq_len
+
+    def _stages_begun(self, step: int) -> int:
+        """How many stages have begun by the update from `step`."""
+        return sum(stage.step <= step for stage in self.stages)
+
+    def phase(self, step: int) -> Phase:
+        k = self._stages_begun(step)
+        if k == 0:
+            return Phase(self.models[0], None)
+        stage = self.stages[k - 1]
+        if step >= stage.step + stage.ramp_steps:
+            return Phase(self.models[k], None)
+        return Phase(self.models[k], Ramp(stage.step, stage.ramp_steps, self.models[k - 1], self.models[k]))
+
+    def model_at(self, step: int) -> ModelConfig:
+        """The shape of the state after `step` updates (a stage at `step` has not grown it yet)."""
+        return self.models[0] if step == 0 else self.phase(step - 1).model
+
+    def masks_at(self, step: int) -> GrowthMasks | None:
+        """The masks to evaluate the state of `step` with: None when none is below 1."""
+        if step == 0:
+            return None
+        ramp = self.phase(step - 1).ramp
+        return None if ramp is None or step >= ramp.start + ramp.steps else ramp.masks(step)
+
+    def require_settled(self, step: int, what: str) -> ModelConfig:
+        """`model_at(step)`, or a ConfigError where the state of `step` still has masks below 1."""
+        if self.masks_at(step) is not None:
+            ramp = self.phase(step - 1).ramp
+            raise ConfigError("--step", f"step {step} lies inside a growth ramp (train.growth, masks below 1 until "
+                              f"step {ramp.start + ramp.steps}), which {what} cannot take: use a checkpoint of "
+                              f"step {ramp.start} or earlier, or {ramp.start + ramp.steps} or later")
+        return self.model_at(step)
+
+    def seed_of(self, stage_index: int) -> int:
+        seed = self.stages[stage_index].seed
+        return self.seed + 1 + stage_index if seed is None else seed
+
+    def stage_index(self, step: int) -> int:
+        """The index of the stage that begins at `step` (its update grows the state)."""
+        return next(i for i, stage in enumerate(self.stages) if stage.step == step)
+
+    def flops(self, step: int) -> float:
+        """Training FLOPs of the updates before `step`, each counted at its phase's model size."""
+        bounds = [0, *(stage.step for stage in self.stages if stage.step < step), step]
+        return sum((end - begin) * self.tokens_per_step * train_flops_per_token(model, self.seq_len)
+                   for begin, end, model in zip(bounds, bounds[1:], self.models))
