@@ -250,6 +250,24 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_growth(args: argparse.Namespace) -> int:
+    from parscale_jax import bench_growth
+    from parscale_jax.train import train
+
+    config = load_config(_resolve_config_path(args.config), args.overrides)
+    started = time.perf_counter()
+    result, curves = bench_growth.run(config, Path(args.work), lambda c, d: train(c, d, progress=not args.no_progress))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["config"], result["overrides"] = args.config, args.overrides
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "growth.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"== growth ({result['seconds']} s; {path})")
+    print(bench_growth.format_report(result))
+    _plot_or_say(lambda: bench_growth.plot(curves, Path(args.out) / "growth.png"))
+    return 0
+
+
 def _fit_and_plot(groups: dict, plot: str, predict: tuple[float, float] | None = None) -> dict:
     """Fit the law to each group of (N, P, loss) points, print the fits and plot them."""
     from parscale_jax import scaling_law
@@ -457,6 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     data_bench.add_argument("--large-mb", type=float, default=2000, help="the large corpus, in MB of text")
     data_bench.add_argument("--out", default="bench/results", help="where data.json goes")
     data_bench.set_defaults(func=cmd_bench_data)
+
+    growth_bench = benchmarks.add_parser("growth", help="a run that grows (train.growth) against the final model "
+                                         "trained from scratch: loss against training FLOPs")
+    growth_bench.add_argument("--config", default="growth", help="a config with a train.growth schedule")
+    growth_bench.add_argument("--work", default="bench/growth-work", help="where the two runs go (resumed if there)")
+    growth_bench.add_argument("--out", default="bench/results", help="where growth.json and growth.png go")
+    growth_bench.add_argument("--no-progress", action="store_true")
+    growth_bench.add_argument("overrides", nargs="*", metavar="section.key=value")
+    growth_bench.set_defaults(func=cmd_bench_growth)
 
     law = commands.add_parser(
         "fit-law", help="fit the parallel scaling law L = (A / (N (k ln P + 1)))^alpha + E to measured losses",

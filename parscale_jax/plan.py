@@ -21,10 +21,11 @@ import jax.numpy as jnp
 
 from parscale_jax import data
 from parscale_jax.config import Config, ConfigError
+from parscale_jax.growth import Ramp, Schedule
 from parscale_jax.layout import Layout, with_shardings
 from parscale_jax.model import abstract_params
 from parscale_jax.runs import partition_trainable
-from parscale_jax.train import create_state_fn, jit_train_step
+from parscale_jax.train import create_state_fn, describe_growth, jit_train_step
 
 GIB = 1024**3
 
@@ -106,7 +107,27 @@ def _bytes_per_device(tree: Any) -> int:
 
 
 def plan(config: Config, target: Target) -> dict[str, Any]:
-    """Per-device memory of one training step of `config` on `target`, from its compiled program."""
+    """Per-device memory of one training step of `config` on `target`, from its compiled program.
+    A run with `train.growth` is planned at every stage (the step of each ramp, with its masks); the
+    report is the largest stage's, with every stage's total and whether all of them fit."""
+    if not config.train.growth:
+        return _plan_phase(config, target, None)
+    schedule = Schedule(config)
+    starts = [0, *(stage.step for stage in config.train.growth)]
+    stages = []
+    for step in starts:
+        phase = schedule.phase(step)
+        plain = dataclasses.replace(config, model=phase.model, train=dataclasses.replace(config.train, growth=()))
+        report = _plan_phase(plain, target, phase.ramp)
+        stages.append({"from_step": step, "model": describe_growth(phase.model), "report": report})
+    largest = max(stages, key=lambda stage: stage["report"].get("total_bytes", math.inf))["report"]
+    return {**largest, "fits": all(stage["report"]["fits"] for stage in stages),
+            "stages": [{"from_step": stage["from_step"], "model": stage["model"],
+                        "total_bytes": stage["report"].get("total_bytes"), "fits": stage["report"]["fits"]}
+                       for stage in stages]}
+
+
+def _plan_phase(config: Config, target: Target, ramp: Ramp | None) -> dict[str, Any]:
     layout = Layout.create(config, list(target.devices))
     graphdef, optimizer, create_state = create_state_fn(config)
     params = abstract_params(config.model)
@@ -135,7 +156,7 @@ def plan(config: Config, target: Target) -> dict[str, Any]:
     with jax.set_mesh(layout.mesh):
         try:
             compiled = jit_train_step(graphdef, optimizer, config.train, layout, shardings,
-                                      frozen_shardings).lower(state, frozen, batch, halted).compile()
+                                      frozen_shardings, ramp).lower(state, frozen, batch, halted).compile()
         except Exception as err:  # the TPU compiler refuses a program larger than HBM
             if "RESOURCE_EXHAUSTED" not in str(err):
                 raise
@@ -181,4 +202,10 @@ def format_report(report: dict[str, Any]) -> str:
     if "compiler" in report:
         lines.append(f"compiler: {report['compiler']}")
     lines.append(f"{'FITS' if report['fits'] else 'DOES NOT FIT'} (compiled in {report['compile_s']} s)")
+    if "stages" in report:
+        lines += ["", "growth stages (train.growth; the largest is shown above)"]
+        for stage in report["stages"]:
+            total = "does not compile" if stage["total_bytes"] is None else f"{stage['total_bytes'] / GIB:7.2f} GiB"
+            lines.append(f"  from step {stage['from_step']:<8} {stage['model']}: {total}"
+                         f"{'' if stage['fits'] else '  DOES NOT FIT'}")
     return "\n".join(lines)

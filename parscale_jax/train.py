@@ -368,7 +368,7 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
                 window_start, window_tokens, window_eval_s = time.perf_counter(), 0, 0.0
             if evaluates:
                 eval_start = time.perf_counter()
-                record["step"] = step
+                record["step"], record["flops"] = step, schedule.flops(step)
                 record["eval_loss"], _ = mean_loss(eval_step, merge_params(frozen, state["params"]),
                                                    placed_eval_batches(config, layout, None, t.eval_batches),
                                                    schedule.masks_at(step))

@@ -2,7 +2,8 @@
 
     python tests/mesh_worker.py OUT_DIR
 
-writes OUT_DIR/results.json (losses, grad norms and shardings per mesh), OUT_DIR/<mesh>.npz
+writes OUT_DIR/results.json (losses, grad norms and shardings per mesh; a resumed run's and a
+growing run's losses), OUT_DIR/<mesh>.npz
 (the first step's gradients; splash-2x2x2.npz with the splash attention kernels) and OUT_DIR/generation.npz (greedy generation on the (1, 2, 4) mesh).
 The helpers are imported by the test too, to compute the single-device reference the same way.
 """
@@ -39,6 +40,11 @@ TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers
         "model.num_kv_heads=4", "model.parscale_n=4", "model.parscale_n_tokens=4",
         "data.seq_len=32", "train.batch_size=8", "train.steps=4", "train.warmup_steps=1", "train.lr=1e-2",
         "train.log_every=1", "train.eval_every=0", "checkpoint.every=2", "checkpoint.async_save=false"]
+
+
+# The tiny config growing everything at once at step 2 (each size divisible by the meshes' axes).
+GROWTH = ["train.steps=6", "train.growth=[{step: 2, hidden_size: 96, intermediate_size: 192, num_heads: 8, "
+          "num_kv_heads: 8, num_layers: 3, parscale_n: 6, ramp_steps: 2}]"]
 
 
 def tiny_config(*overrides: str):
@@ -142,6 +148,10 @@ def main(out_dir: Path) -> None:
     train(tiny_config(*mesh_overrides((2, 2, 2), True)), run_dir, progress=False, stop_at=2)
     train(tiny_config(*mesh_overrides((1, 2, 4), False)), run_dir, progress=False)
     results["resume"] = {"losses": logged(run_dir, "loss")}
+    # A run that grows on a mesh: every stage laid out by its own shape.
+    run_dir = out_dir / "growth"
+    train(tiny_config(*mesh_overrides((2, 2, 2), True), *GROWTH), run_dir, progress=False)
+    results["growth"] = {"losses": logged(run_dir, "loss")}
     # The Pallas splash kernels (interpreted here) under shard_map, streams split by the vmap.
     np.savez(out_dir / "splash-2x2x2.npz",
              **first_gradients(tiny_config(*mesh_overrides((2, 2, 2), True), "model.attention=splash")))

@@ -223,3 +223,12 @@ def test_bad_growth_schedules_are_one_line_errors(stages, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(packaged_config_path("default"), overrides)
     assert fragment in str(err.value)
+
+
+def test_plan_compiles_every_stage(capsys):
+    config = growth_config(12, STAGES)
+    assert main(["plan", "--gpus", "1", *RUN, "train.steps=12", f"train.growth={json.dumps(STAGES)}"]) == 0
+    printed = capsys.readouterr().out
+    assert "growth stages" in printed
+    assert "from step 3 " in printed and "from step 7 " in printed and "8 heads (4 kv), 3 layers, P = 3" in printed
+    assert len(Schedule(config).models) == 3

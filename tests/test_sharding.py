@@ -109,6 +109,13 @@ def test_checkpoint_moves_between_meshes(sharded, reference):
     np.testing.assert_allclose(results["resume"]["losses"], reference["losses"], rtol=0, atol=1e-5)
 
 
+def test_a_run_growing_on_a_mesh_equals_one_device(sharded, tmp_path):
+    _, results = sharded
+    train(mesh_worker.tiny_config(*mesh_worker.GROWTH), tmp_path / "run", progress=False)
+    np.testing.assert_allclose(results["growth"]["losses"], mesh_worker.logged(tmp_path / "run", "loss"),
+                               rtol=0, atol=1e-5)
+
+
 def test_generation_on_a_stream_and_model_sharded_mesh_equals_one_device(sharded):
     out, _ = sharded
     on_mesh = np.load(out / "generation.npz")
