@@ -18,6 +18,7 @@ from parscale_jax.config import (
     Config,
     ConfigError,
     DataConfig,
+    GrowthStage,
     ModelConfig,
     SourceConfig,
     TrainConfig,
@@ -476,6 +477,9 @@ def plausible_override(draw):
         value = draw(st.one_of(st.floats(0.0, 1.0), st.integers(0, 2)))
     elif hint is int or key == "model.head_dim":
         value = draw(st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300]))
+    elif key == "train.growth":
+        value = draw(st.lists(st.fixed_dictionaries({"step": st.integers(0, 400), "num_layers": st.integers(1, 8),
+                                                     "ramp_steps": st.integers(0, 50)}), max_size=2))
     else:  # data.paths, data.sources (bare paths are sources of weight 1)
         value = draw(st.lists(st.sampled_from(["a.txt", "b.jsonl", "corpus/"]), max_size=2))
     return key, value
@@ -500,5 +504,7 @@ def test_plausible_overrides_are_applied_exactly(pairs):
             assert got == tuple(value), key
         elif key == "data.sources":
             assert got == tuple(SourceConfig(path=path) for path in value), key
+        elif key == "train.growth":
+            assert got == tuple(GrowthStage(**stage) for stage in value), key
         else:  # head_dim
             assert got == value, key

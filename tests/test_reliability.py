@@ -324,8 +324,8 @@ def poison(monkeypatch, token: int, what: str) -> None:
     """Make the objective (and, for "loss", the reported loss too) NaN on batches holding `token`."""
     real = train_module.loss_sums
 
-    def poisoned(params, graphdef, batch, z_loss):
-        objective, (ce_sum, n_tokens, aux) = real(params, graphdef, batch, z_loss)
+    def poisoned(params, graphdef, batch, z_loss, masks=None):
+        objective, (ce_sum, n_tokens, aux) = real(params, graphdef, batch, z_loss, masks)
         factor = jnp.where(jnp.any(batch["tokens"] == token), jnp.nan, 1.0)
         return objective * factor, (ce_sum * factor if what == "loss" else ce_sum, n_tokens, aux)
 
