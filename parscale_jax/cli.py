@@ -200,7 +200,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def cmd_bench(args: argparse.Namespace) -> int:
     config = load_config(_resolve_config_path(args.config), args.overrides)
     if args.new_tokens < 2:
-        raise ConfigError("--new-tokens", f"must be >= 2 (latency is the difference of 1 and N tokens), "
+        raise ConfigError("--new-tokens", f"must be >= 2 (latency is the interval between consecutive tokens), "
                           f"got {args.new_tokens}")
     if args.prompt_len + args.new_tokens > config.model.max_position_embeddings:
         raise ConfigError("--prompt-len", f"{args.prompt_len} + {args.new_tokens} new tokens exceed "
