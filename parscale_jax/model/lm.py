@@ -62,11 +62,12 @@ class Block(nnx.Module):
         attended_PBSD, cache = self.self_attn(self.input_layernorm(x_PBSD, g.hidden_D), cos_BSH, sin_BSH, mask,
                                               cache, g.heads_N)
         attended_PBSD = masked(attended_PBSD, g.hidden_D)
-        normed_PBSD = self.post_attention_layernorm(x_PBSD + attended_PBSD, g.hidden_D)
+        h_PBSD = x_PBSD + attended_PBSD  # one sum for both uses: the backward pass adds their gradients once
+        normed_PBSD = self.post_attention_layernorm(h_PBSD, g.hidden_D)
         mlp_PBSD, aux = self.mlp(normed_PBSD) if g.mlp_F is None else self.mlp(normed_PBSD, live_F=g.mlp_F)
         mlp_PBSD = masked(mlp_PBSD, g.hidden_D)
         if g.depth is None:
-            return x_PBSD + attended_PBSD + mlp_PBSD, cache, aux
+            return h_PBSD + mlp_PBSD, cache, aux
         return x_PBSD + g.depth.astype(x_PBSD.dtype) * (attended_PBSD + mlp_PBSD), cache, aux
 
 
