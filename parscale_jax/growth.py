@@ -57,6 +57,12 @@ class Phase:
     ramp: Ramp | None
 
 
+def describe(model: ModelConfig) -> str:
+    """The sizes growth can change, in a line."""
+    return (f"hidden {model.hidden_size}, MLP {model.intermediate_size}, {model.num_heads} heads "
+            f"({model.num_kv_heads} kv), {model.num_layers} layers, P = {model.parscale_n}")
+
+
 class Schedule:
     """`train.growth` of a config, as functions of the step."""
 
@@ -100,13 +106,10 @@ class Schedule:
                               f"step {ramp.start} or earlier, or {ramp.start + ramp.steps} or later")
         return self.model_at(step)
 
-    def seed_of(self, stage_index: int) -> int:
-        seed = self.stages[stage_index].seed
-        return self.seed + 1 + stage_index if seed is None else seed
-
-    def stage_index(self, step: int) -> int:
-        """The index of the stage that begins at `step` (its update grows the state)."""
-        return next(i for i, stage in enumerate(self.stages) if stage.step == step)
+    def seed_at(self, step: int) -> int:
+        """The seed of the new weights of the stage that begins at `step`."""
+        i, stage = next((i, stage) for i, stage in enumerate(self.stages) if stage.step == step)
+        return self.seed + 1 + i if stage.seed is None else stage.seed
 
     def flops(self, step: int) -> float:
         """Training FLOPs of the updates before `step`, each counted at its phase's model size."""

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 
 from parscale_jax import data
 from parscale_jax.config import Config, ConfigError
-from parscale_jax.growth import Ramp, Schedule
+from parscale_jax.growth import Ramp, Schedule, describe
 from parscale_jax.layout import Layout, with_shardings
 from parscale_jax.model import abstract_params
 from parscale_jax.runs import partition_trainable
-from parscale_jax.train import create_state_fn, describe_growth, jit_train_step
+from parscale_jax.train import create_state_fn, jit_train_step
 
 GIB = 1024**3
 
@@ -119,7 +119,7 @@ def plan(config: Config, target: Target) -> dict[str, Any]:
         phase = schedule.phase(step)
         plain = dataclasses.replace(config, model=phase.model, train=dataclasses.replace(config.train, growth=()))
         report = _plan_phase(plain, target, phase.ramp)
-        stages.append({"from_step": step, "model": describe_growth(phase.model), "report": report})
+        stages.append({"from_step": step, "model": describe(phase.model), "report": report})
     largest = max(stages, key=lambda stage: stage["report"].get("total_bytes", math.inf))["report"]
     return {**largest, "fits": all(stage["report"]["fits"] for stage in stages),
             "stages": [{"from_step": stage["from_step"], "model": stage["model"],

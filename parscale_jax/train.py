@@ -23,11 +23,11 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from parscale_jax import data
+from parscale_jax import data, growth
 from parscale_jax.config import Config, TrainConfig, to_dict
-from parscale_jax.growth import Phase, Ramp, Schedule
 from parscale_jax.counting import train_flops_per_token
 from parscale_jax.errors import NonFiniteError
+from parscale_jax.growth import Phase, Ramp, Schedule
 from parscale_jax.layout import Layout
 from parscale_jax.logger import MetricsLogger
 from parscale_jax.model import DECAYED, GrowthMasks, init_params, merge_params, model_graphdef, param_info
@@ -250,23 +250,16 @@ def compile_steps(config: Config, layout: Layout, phase: Phase, state: dict, fro
     return train_step, jit_eval_step(graphdef, layout, merge_params(frozen, state["params"]))
 
 
-def grow(config: Config, layout: Layout, schedule: Schedule, state: dict, old: ModelConfig, new: ModelConfig,
-         step: int) -> dict:
-    """The train state of `old`'s shape carried over to `new`'s at the stage that begins at `step`:
-    new weights seeded by the stage, parameters and Adam moments in their leading blocks."""
+def grow(config: Config, layout: Layout, state: dict, old: ModelConfig, new: ModelConfig, seed: int) -> dict:
+    """The train state of `old`'s shape carried over to `new`'s: new weights from `seed` (the
+    stage's), parameters and Adam moments in their leading blocks."""
     _, _, create_state = create_state_fn(config, new)
-    seed = schedule.seed_of(schedule.stage_index(step))
 
     def grown(state):
         return grow_state(state, create_state(init_params(new, seed)), old, new)
 
     shardings = layout.for_model(new).state_shardings(jax.eval_shape(grown, state))
     return jax.jit(grown, out_shardings=shardings)(state)
-
-
-def describe_growth(model: ModelConfig) -> str:
-    return (f"hidden {model.hidden_size}, MLP {model.intermediate_size}, {model.num_heads} heads "
-            f"({model.num_kv_heads} kv), {model.num_layers} layers, P = {model.parscale_n}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,10 +327,10 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
                     check(*pending.popleft())
                 phase = schedule.phase(step - 1)
                 if phase.model != model:
-                    state = grow(config, layout, schedule, state, model, phase.model, step - 1)
+                    state = grow(config, layout, state, model, phase.model, schedule.seed_at(step - 1))
                     model = phase.model
                     if is_main:
-                        bar.write(f"step {step - 1}: grew the model to {describe_growth(model)}")
+                        bar.write(f"step {step - 1}: grew the model to {growth.describe(model)}")
                 train_step, eval_step = compile_steps(config, layout, phase, state, frozen)
                 flops_per_token = train_flops_per_token(model, config.data.seq_len)
             # Where a stop on a non-finite step rewinds the data to.
