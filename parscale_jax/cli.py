@@ -16,7 +16,8 @@ import types
 import warnings
 from pathlib import Path
 
-from parscale_jax.config import Config, ConfigError, load_config, packaged_config_path, read_yaml
+from parscale_jax.config import Config, load_config, packaged_config_path, read_yaml
+from parscale_jax.errors import ConfigError
 
 
 def _resolve_config_path(name_or_path: str) -> Path:
@@ -44,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from parscale_jax.config import resolve_mesh
     from parscale_jax.runs import Run
-    from parscale_jax.train import train
+    from parscale_jax.training.loop import train
 
     resolve_mesh(config, jax.device_count())  # and the mesh against the devices
     if jax.process_count() > 1 and not args.run_dir:
@@ -69,9 +70,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from parscale_jax import data
+    from parscale_jax.data import pipeline as data
     from parscale_jax.runs import Run
-    from parscale_jax.train import evaluate
+    from parscale_jax.training.loop import evaluate
 
     run = Run.open(args.run_dir, args.overrides)
     rows = None  # the held-out split
@@ -113,8 +114,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import jax
 
-    from parscale_jax import data
-    from parscale_jax.generate import Generator
+    from parscale_jax.data import pipeline as data
+    from parscale_jax.inference.generate import Generator
     from parscale_jax.layout import Layout
     from parscale_jax.model import model_graphdef
 
@@ -155,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from parscale_jax.convert import import_checkpoint
+    from parscale_jax.transforms.import_hf import import_checkpoint
 
     base = read_yaml(_resolve_config_path(args.config)) if args.config else None
     summary = import_checkpoint(args.hf, args.out, args.overrides, base)
@@ -178,7 +179,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from parscale_jax.convert import export_run
+    from parscale_jax.transforms.import_hf import export_run
     from parscale_jax.runs import Run
 
     summary = export_run(Run.open(args.run_dir, args.overrides), args.out, args.step, args.dtype,
@@ -211,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import jax
 
-    from parscale_jax import bench
+    from parscale_jax.analysis import bench
 
     names = ["decode", "equal-loss", "train"] if args.which == "all" else [args.which]
     decode_options = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
@@ -237,7 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
-    from parscale_jax import bench_data
+    from parscale_jax.analysis import bench_data
 
     started = time.perf_counter()
     results = bench_data.run(Path(args.work), args.small_mb, args.large_mb)
@@ -251,8 +252,8 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_growth(args: argparse.Namespace) -> int:
-    from parscale_jax import bench_growth
-    from parscale_jax.train import train
+    from parscale_jax.analysis import bench_growth
+    from parscale_jax.training.loop import train
 
     config = load_config(_resolve_config_path(args.config), args.overrides)
     started = time.perf_counter()
@@ -270,7 +271,7 @@ def cmd_bench_growth(args: argparse.Namespace) -> int:
 
 def _fit_and_plot(groups: dict, plot: str, predict: tuple[float, float] | None = None) -> dict:
     """Fit the law to each group of (N, P, loss) points, print the fits and plot them."""
-    from parscale_jax import scaling_law
+    from parscale_jax.analysis import scaling_law
 
     fits = {}
     for name, (N, P, loss) in groups.items():
@@ -297,7 +298,7 @@ def _plot_or_say(draw) -> None:
 
 
 def cmd_fit_law(args: argparse.Namespace) -> int:
-    from parscale_jax import scaling_law
+    from parscale_jax.analysis import scaling_law
 
     groups = scaling_law.read_results(args.results, args.group)
     _fit_and_plot(groups, args.plot or str(Path(args.results).with_suffix(".law.png")), args.predict)
@@ -309,7 +310,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     import jax
 
-    from parscale_jax import scaling_law, sweep
+    from parscale_jax.analysis import scaling_law
+    from parscale_jax.analysis import sweep
     from parscale_jax.config import resolve_mesh
     from parscale_jax.files import write_atomic
 
@@ -332,7 +334,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from parscale_jax.prepare import prepare
+    from parscale_jax.data.prepare import prepare
 
     start = time.monotonic()
     manifest = prepare(args.out, args.inputs, args.tokenizer, args.eval_fraction, args.text_key, args.shard_tokens,
@@ -348,7 +350,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if (args.topology is None) == (args.gpus is None):
         raise ConfigError("--topology", "name a TPU topology (--topology v5p-256) or a GPU count (--gpus 8)")
 
-    from parscale_jax import plan
+    from parscale_jax.analysis import plan
 
     if args.topology:
         target = plan.tpu_target(args.topology, args.slices)
@@ -464,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--repeats", type=int, default=3, help="timings are the median of this many runs")
         one.add_argument("--steps", type=int, default=5, help="timed training steps")
         one.add_argument("--peer", choices=("torch",), help="also measure the PyTorch implementation side by side "
-                         "(parscale_jax/hf_remote/ with torch AdamW; torch comes with the test extra)")
+                         "(parscale_jax/interop/hf_remote/ with torch AdamW; torch comes with the test extra)")
         one.add_argument("overrides", nargs="*", metavar="section.key=value")
         one.set_defaults(func=cmd_bench)
 
@@ -564,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         _quiet_library_errors()
-    from parscale_jax.data import DataError
+    from parscale_jax.errors import DataError
     from parscale_jax.errors import CheckpointError, NonFiniteError
 
     try:

@@ -18,16 +18,9 @@ from typing import Any
 
 import yaml
 
+from parscale_jax.errors import ConfigError
 from parscale_jax.model import ATTENTION_KERNELS, FFN_TYPES, REMAT_POLICIES
 from parscale_jax.model.config import ModelConfig
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, mistyped or inconsistent. `key` is its dotted name."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 # The choices a config offers, each listed once. The model's pluggable pieces (model.ffn,

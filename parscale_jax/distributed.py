@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from parscale_jax.config import ConfigError
+from parscale_jax.errors import ConfigError
 
 
 def _managed_cluster() -> str | None:

@@ -17,8 +17,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from parscale_jax.config import Config, ConfigError, GrowthStage, stage_models
-from parscale_jax.counting import train_flops_per_token
+from parscale_jax.config import Config, GrowthStage, stage_models
+from parscale_jax.errors import ConfigError
+from parscale_jax.model.counting import train_flops_per_token
 from parscale_jax.model import GrowthMasks
 from parscale_jax.model.config import ModelConfig
 

@@ -12,7 +12,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from parscale_jax.config import MESH_AXES, Config, ConfigError, resolve_mesh
+from parscale_jax.config import MESH_AXES, Config, resolve_mesh
+from parscale_jax.errors import ConfigError
 from parscale_jax.model import param_info
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.sharding import rules_for, spec

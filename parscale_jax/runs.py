@@ -27,7 +27,8 @@ import jax
 import yaml
 
 from parscale_jax.checkpoint import Checkpointer, complete_steps, restore_params, save_params
-from parscale_jax.config import Config, ConfigError, config_differences, from_dict, load_config, read_yaml, to_dict
+from parscale_jax.config import Config, config_differences, from_dict, load_config, read_yaml, to_dict
+from parscale_jax.errors import ConfigError
 from parscale_jax.errors import CheckpointError
 from parscale_jax.files import write_atomic
 from parscale_jax.layout import Layout, with_shardings

@@ -65,10 +65,10 @@ def logged(run_dir: Path, key: str) -> list[float]:
 
 def first_gradients(config) -> dict[str, np.ndarray]:
     """Gradients of the mean loss at the initial state on the first batch, computed on config's mesh."""
-    from parscale_jax import data
+    from parscale_jax.data import pipeline as data
     from parscale_jax.layout import Layout
     from parscale_jax.model import abstract_params, init_params, model_graphdef
-    from parscale_jax.train import loss_sums
+    from parscale_jax.training.loop import loss_sums
 
     layout = Layout.create(config)
     graphdef = model_graphdef(config.model)
@@ -107,7 +107,7 @@ GENERATION_PROMPTS = [[5, 17, 42, 9, 100, 3], [7, 7, 250]]
 def generation(config) -> dict[str, np.ndarray]:
     """Greedy tokens and per-step logits of two left-padded prompts, generated on config's mesh."""
     from parscale_jax.config import SamplingConfig
-    from parscale_jax.generate import Generator
+    from parscale_jax.inference.generate import Generator
     from parscale_jax.layout import Layout
     from parscale_jax.model import abstract_params, init_params, model_graphdef
 
@@ -125,7 +125,7 @@ def main(out_dir: Path) -> None:
     from parscale_jax.layout import Layout, with_shardings
     from parscale_jax.model import abstract_params
     from parscale_jax.runs import Run
-    from parscale_jax.train import create_state_fn, train
+    from parscale_jax.training.loop import create_state_fn, train
 
     results = {}
     for name, shape in MESHES.items():

@@ -14,7 +14,7 @@ from parscale_jax.config import load_config
 from parscale_jax.layout import Layout
 from parscale_jax.model import ATTENTION_KERNELS, init_params, model_graphdef
 from parscale_jax.model.attention import blockwise_attention
-from parscale_jax.train import create_state_fn, jit_train_step
+from parscale_jax.training.loop import create_state_fn, jit_train_step
 
 TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=48", "model.num_layers=2",
         "model.num_heads=4", "model.num_kv_heads=2", "model.parscale_n_tokens=3", "model.init_std=0.2"]
@@ -89,7 +89,7 @@ def test_blockwise_attention_memory_grows_linearly():
 @pytest.mark.parametrize("kernel", sorted(set(ATTENTION_KERNELS) - {"einsum"}))
 def test_cached_generation_is_the_same_with_every_kernel(kernel, monkeypatch):
     from parscale_jax.config import SamplingConfig
-    from parscale_jax.generate import Generator
+    from parscale_jax.inference.generate import Generator
 
     monkeypatch.setitem(ATTENTION_KERNELS, "blockwise", lambda *a: blockwise_attention(*a, block=4))
     prompts = [[5, 17, 42, 9, 33, 3, 8, 1, 2, 60], [7, 7, 25]]  # a 10-token prefill: three blocks of 4

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from parscale_jax import bench
+from parscale_jax.analysis import bench
 from parscale_jax.cli import main
 from parscale_jax.config import load_config
-from parscale_jax.counting import non_embedding_params
+from parscale_jax.model.counting import non_embedding_params
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.parscale_n_tokens=4", "data.seq_len=32", "train.batch_size=2"]
@@ -60,7 +60,7 @@ def test_bench_errors(tmp_path, capsys, args, fragment):
 
 
 def test_bench_without_matplotlib_says_so_in_one_line(tmp_path, capsys, monkeypatch):
-    from parscale_jax import plotting
+    from parscale_jax.analysis import plotting
 
     def no_matplotlib():
         raise ImportError("No module named 'matplotlib'")

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from parscale_jax.cli import main
-from parscale_jax.config import ConfigError
-from parscale_jax.data import DataError
+from parscale_jax.errors import ConfigError
+from parscale_jax.errors import DataError
 
 PREFIX = "parscale-jax train: error: "
 

@@ -13,10 +13,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from parscale_jax.errors import ConfigError
 from parscale_jax.config import (
     CheckpointConfig,
     Config,
-    ConfigError,
     DataConfig,
     GrowthStage,
     ModelConfig,

@@ -12,9 +12,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tokenizers
 
-from parscale_jax import data
+from parscale_jax.data import pipeline as data
 from parscale_jax.config import Config, DataConfig, ModelConfig, TrainConfig
-from parscale_jax.data import DataError
+from parscale_jax.errors import DataError
 
 
 def _words(seed: int, count: int) -> str:

@@ -12,13 +12,14 @@ import pytest
 from flax import nnx
 
 from parscale_jax import sharding
-from parscale_jax.config import ConfigError, load_config
-from parscale_jax.counting import non_embedding_params
+from parscale_jax.config import load_config
+from parscale_jax.errors import ConfigError
+from parscale_jax.model.counting import non_embedding_params
 from parscale_jax.layout import Layout
 from parscale_jax.model import ATTENTION_KERNELS, FFN_TYPES, Aux, init_params, model_graphdef, param_info
 from parscale_jax.model.ffn import SwiGLU
 from parscale_jax.model.params import ParamInfo, declare
-from parscale_jax.train import loss_sums, train, weight_decay_mask
+from parscale_jax.training.loop import loss_sums, train, weight_decay_mask
 
 TINY = ["model.vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=3",
         "model.num_heads=4", "model.num_kv_heads=2", "model.parscale_n=2", "model.parscale_n_tokens=4",

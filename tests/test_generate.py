@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 from parscale_jax.cli import main
-from parscale_jax.config import ConfigError, SamplingConfig, load_config, validate_sampling
-from parscale_jax.generate import Generator, sample
-from parscale_jax.hf import read_hf_checkpoint
+from parscale_jax.config import SamplingConfig, load_config, validate_sampling
+from parscale_jax.errors import ConfigError
+from parscale_jax.inference.generate import Generator, sample
+from parscale_jax.interop.hf import read_hf_checkpoint
 from parscale_jax.layout import Layout
 from parscale_jax.model import model_graphdef
 

@@ -15,13 +15,14 @@ from flax import nnx
 from test_hf import load_hf, our_logits, torch_logits
 
 from parscale_jax.cli import main
-from parscale_jax.config import ConfigError, load_config, packaged_config_path
+from parscale_jax.config import load_config, packaged_config_path
+from parscale_jax.errors import ConfigError
 from parscale_jax.growth import Ramp, Schedule
 from parscale_jax.layout import Layout
 from parscale_jax.model import init_params, model_graphdef
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.runs import Run
-from parscale_jax.train import create_state_fn, train
+from parscale_jax.training.loop import create_state_fn, train
 from parscale_jax.transforms.grow import grow_params, grow_state
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -17,9 +17,10 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from parscale_jax import hf
+from parscale_jax.interop import hf
 from parscale_jax.cli import main
-from parscale_jax.config import ConfigError, load_config
+from parscale_jax.config import load_config
+from parscale_jax.errors import ConfigError
 from parscale_jax.model import init_params, model_graphdef, split_params
 
 REFERENCE = Path(__file__).parent / "data" / "official_reference"

@@ -1,4 +1,4 @@
-"""The PyTorch remote code shipped in exported checkpoints (`parscale_jax/hf_remote`), under transformers 5.x.
+"""The PyTorch remote code shipped in exported checkpoints (`parscale_jax/interop/hf_remote`), under transformers 5.x.
 
 The official reference checkpoints are loaded the way users load ours (`AutoModelForCausalLM` with
 `trust_remote_code=True` from a directory holding the two code files and an `auto_map`), and must reproduce the
@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from parscale_jax.hf_remote.configuration_qwen2_parscale import Qwen2ParScaleConfig
-from parscale_jax.hf_remote.modeling_qwen2_parscale import Qwen2ParScaleForCausalLM
+from parscale_jax.interop.hf_remote.configuration_qwen2_parscale import Qwen2ParScaleConfig
+from parscale_jax.interop.hf_remote.modeling_qwen2_parscale import Qwen2ParScaleForCausalLM
 
 REFERENCE = Path(__file__).parent / "data" / "official_reference"
-REMOTE_CODE = Path(__file__).parent.parent / "parscale_jax" / "hf_remote"
+REMOTE_CODE = Path(__file__).parent.parent / "parscale_jax" / "interop" / "hf_remote"
 AUTO_MAP = {
     "AutoConfig": "configuration_qwen2_parscale.Qwen2ParScaleConfig",
     "AutoModelForCausalLM": "modeling_qwen2_parscale.Qwen2ParScaleForCausalLM",

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from parscale_jax.config import ModelConfig, load_config, packaged_config_path, validate_model
-from parscale_jax.counting import non_embedding_params, parscale_extra_params
-from parscale_jax.hf import read_hf_checkpoint
+from parscale_jax.model.counting import non_embedding_params, parscale_extra_params
+from parscale_jax.interop.hf import read_hf_checkpoint
 from parscale_jax.model import (
     ParScaleLM,
     ParScaleParam,

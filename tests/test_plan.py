@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from parscale_jax.config import ConfigError
+from parscale_jax.errors import ConfigError
 
 TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=4", "model.parscale_n=2", "model.parscale_n_tokens=4", "data.seq_len=64",
@@ -101,7 +101,7 @@ def test_tpu_plan_refuses_what_does_not_fit(tmp_path):
 def test_multi_slice_mesh_runs_data_across_slices():
     import numpy as np
 
-    from parscale_jax import plan as planning
+    from parscale_jax.analysis import plan as planning
     from parscale_jax.config import load_config
     from parscale_jax.layout import make_mesh
 

@@ -20,11 +20,14 @@ import zstandard
 from test_reliability import finish, start_training, wait_for_step
 from test_sharding import two_processes
 
-from parscale_jax import data, prepare, prepared
+from parscale_jax.data import pipeline as data
+from parscale_jax.data import prepare
+from parscale_jax.data import prepared
 from parscale_jax.cli import main
-from parscale_jax.config import ConfigError, load_config
-from parscale_jax.prepared import DataError
-from parscale_jax.train import train
+from parscale_jax.config import load_config
+from parscale_jax.errors import ConfigError
+from parscale_jax.errors import DataError
+from parscale_jax.training.loop import train
 
 WORDS = ["river", "stone", "lantern", "meadow", "copper", "whistle", "harbor", "ember", "thistle", "orbit"]
 
@@ -280,7 +283,7 @@ def test_prepare_runs_as_a_command_on_a_fresh_process(tmp_path):
 def test_the_data_benchmark_measures_on_real_text(tmp_path):
     """`bench data`'s pieces on a small corpus: the generated text, prepare beside the tokenizer,
     and the pipeline's rows/s (the start-up runs are the ones `bench data` adds)."""
-    from parscale_jax import bench_data
+    from parscale_jax.analysis import bench_data
 
     texts = sorted(bench_data.stdlib_texts(), key=len)[100:140]  # small files: the corpus repeats them
     written = bench_data.make_corpus(tmp_path / "corpus", 0.3, texts)

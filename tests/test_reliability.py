@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parscale_jax import data
-from parscale_jax import train as train_module
+from parscale_jax.data import pipeline as data
+from parscale_jax.training import loop as train_module
 from parscale_jax.checkpoint import Checkpointer
 from parscale_jax.cli import main
-from parscale_jax.config import ConfigError, load_config
+from parscale_jax.config import load_config
+from parscale_jax.errors import ConfigError
 from parscale_jax.errors import CheckpointError, NonFiniteError
-from parscale_jax.preemption import StopRequests
+from parscale_jax.training.preemption import StopRequests
 from parscale_jax.runs import Run
 
 STEPS = 40

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from parscale_jax.cli import main
-from parscale_jax.scaling_law import Law, fit_law
+from parscale_jax.analysis.scaling_law import Law, fit_law
 
 LOSSES = Path(__file__).parent / "data" / "paper_losses.csv"
 # SPEC §4: the published fits.

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from parscale_jax.config import ConfigError, load_config
+from parscale_jax.config import load_config
+from parscale_jax.errors import ConfigError
 from parscale_jax.layout import Layout
 from parscale_jax.sharding import RULES, rules_for
 from parscale_jax.sharding import spec as partition_spec
-from parscale_jax.train import train
+from parscale_jax.training.loop import train
 
 RUNS = [f"{name}{suffix}" for name in mesh_worker.MESHES for suffix in ("", "-fsdp")]
 

@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from parscale_jax import sweep
+from parscale_jax.analysis import sweep
 from parscale_jax.cli import main
-from parscale_jax.config import ConfigError, load_config, packaged_config_path
-from parscale_jax.counting import non_embedding_params
+from parscale_jax.config import load_config, packaged_config_path
+from parscale_jax.errors import ConfigError
+from parscale_jax.model.counting import non_embedding_params
 
 BASE = ["model.hidden_size=32", "model.intermediate_size=88", "model.num_layers=1", "model.num_heads=4",
         "model.num_kv_heads=2", "model.parscale_n_tokens=4", "data.seq_len=32", "train.batch_size=8",

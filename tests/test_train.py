@@ -11,7 +11,7 @@ from parscale_jax import cli
 from parscale_jax.checkpoint import Checkpointer
 from parscale_jax.config import TrainConfig, load_config
 from parscale_jax.model import init_params, model_graphdef, param_info
-from parscale_jax.train import (
+from parscale_jax.training.loop import (
     create_state_fn,
     learning_rate_schedule,
     loss_sums,
@@ -156,7 +156,7 @@ def test_eval_command_reports_held_out_and_text_file_loss(tmp_path, capsys):
 def test_evaluation_runs_on_its_own_cadence_and_its_time_is_not_throughput(tmp_path, monkeypatch):
     """log_every=3, eval_every=4: evaluations at 4, 8, 12 (not only on logging steps), and tokens/s
     counts training time only. The clock is a fake one: evaluating costs 1000 s on it."""
-    from parscale_jax import train as train_module
+    from parscale_jax.training import loop as train_module
 
     clock = [0.0]
 
@@ -205,7 +205,7 @@ def test_eval_of_a_text_shorter_than_one_row(tmp_path, capsys):
 def test_the_loop_keeps_steps_in_flight(tmp_path, monkeypatch):
     """The host reads a step's non-finite flags only after the next STEPS_IN_FLIGHT steps are
     dispatched (so the device never waits for it), except where it logs or saves."""
-    from parscale_jax import train as train_module
+    from parscale_jax.training import loop as train_module
 
     events, step_of, kept = [], {}, []  # kept: the flags stay alive, so their ids stay theirs
     real_jit, real_device_get = train_module.jit_train_step, jax.device_get

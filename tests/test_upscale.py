@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from test_hf import load_hf, our_logits, torch_logits
 
-from parscale_jax import hf
+from parscale_jax.interop import hf
 from parscale_jax.cli import main
-from parscale_jax.config import ConfigError, load_config, packaged_config_path
+from parscale_jax.config import load_config, packaged_config_path
+from parscale_jax.errors import ConfigError
 from parscale_jax.layout import Layout
 from parscale_jax.model import init_params, split_params
 from parscale_jax.runs import Run

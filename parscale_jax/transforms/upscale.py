@@ -21,8 +21,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from parscale_jax import convert, hf
-from parscale_jax.config import Config, ConfigError, load_config, to_dict
+from parscale_jax.transforms import import_hf as convert
+from parscale_jax.interop import hf
+from parscale_jax.config import Config, load_config, to_dict
+from parscale_jax.errors import ConfigError
 from parscale_jax.layout import Layout
 from parscale_jax.runs import Run, check_new, initial_weights
 

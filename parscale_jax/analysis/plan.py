@@ -19,13 +19,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from parscale_jax import data
-from parscale_jax.config import Config, ConfigError
+from parscale_jax.data import pipeline as data
+from parscale_jax.config import Config
+from parscale_jax.errors import ConfigError
 from parscale_jax.growth import Ramp, Schedule, describe
 from parscale_jax.layout import Layout, with_shardings
 from parscale_jax.model import abstract_params
 from parscale_jax.runs import partition_trainable
-from parscale_jax.train import create_state_fn, jit_train_step
+from parscale_jax.training.loop import create_state_fn, jit_train_step
 
 GIB = 1024**3
 

@@ -1,5 +1,5 @@
 """The PyTorch peer of `parscale-jax bench ... --peer torch`: the same model in our transformers code
-(`parscale_jax/hf_remote/`: SDPA attention, the P streams folded into the batch of every matrix
+(`parscale_jax/interop/hf_remote/`: SDPA attention, the P streams folded into the batch of every matrix
 product, as the official ParScale code does), trained with torch's AdamW and decoded with its KV
 cache, on as many threads as XLA uses. torch comes with the `test` extra."""
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from parscale_jax.config import Config, ModelConfig
-from parscale_jax.hf import config_to_hf
+from parscale_jax.interop.hf import config_to_hf
 
 
 def threads() -> int:
@@ -25,8 +25,8 @@ def torch_model(cfg: ModelConfig, seed: int = 0):
     """Our transformers model (`Qwen2ParScaleForCausalLM`) with `cfg`'s shape, randomly initialized, float32."""
     import torch
 
-    from parscale_jax.hf_remote.configuration_qwen2_parscale import Qwen2ParScaleConfig
-    from parscale_jax.hf_remote.modeling_qwen2_parscale import Qwen2ParScaleForCausalLM
+    from parscale_jax.interop.hf_remote.configuration_qwen2_parscale import Qwen2ParScaleConfig
+    from parscale_jax.interop.hf_remote.modeling_qwen2_parscale import Qwen2ParScaleForCausalLM
 
     torch.set_num_threads(threads())
     torch.manual_seed(seed)
@@ -75,7 +75,7 @@ def decode_latency_s(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: 
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from parscale_jax.bench import step_latency_s
+    from parscale_jax.analysis.bench import step_latency_s
 
     class Stamp(LogitsProcessor):
         def __init__(self, times: list[float]):

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
-from parscale_jax import prepare, prepared
+from parscale_jax.data import prepare
+from parscale_jax.data import prepared
 from parscale_jax.config import load_config, packaged_config_path
 
 FILE_MB = 64  # the generated corpus comes in .jsonl files of this size
@@ -161,7 +162,7 @@ def run(work: Path, small_mb: float, large_mb: float) -> dict:
 def _in_fresh_process(dataset: Path, run_dir: Path, steps: int) -> dict:
     """`start_up` from a new Python process: the peak RSS of a process's children is the largest
     of all of them so far, so each measurement needs a parent of its own."""
-    code = (f"import json; from pathlib import Path; from parscale_jax.bench_data import start_up; "
+    code = (f"import json; from pathlib import Path; from parscale_jax.analysis.bench_data import start_up; "
             f"print(json.dumps(start_up(Path({str(dataset)!r}), Path({str(run_dir)!r}), {steps})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

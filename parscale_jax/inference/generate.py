@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from parscale_jax.config import ConfigError, ModelConfig, SamplingConfig
+from parscale_jax.config import ModelConfig, SamplingConfig
+from parscale_jax.errors import ConfigError
 from parscale_jax.layout import LAYER_CACHE_AXES, Layout
 from parscale_jax.model import KVCache, prefix_slots
 

@@ -23,16 +23,17 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from parscale_jax import data, growth
+from parscale_jax import growth
+from parscale_jax.data import pipeline as data
 from parscale_jax.config import Config, TrainConfig, to_dict
-from parscale_jax.counting import train_flops_per_token
-from parscale_jax.errors import NonFiniteError
+from parscale_jax.model.counting import train_flops_per_token
+from parscale_jax.errors import DataError, NonFiniteError
 from parscale_jax.growth import Phase, Ramp, Schedule
 from parscale_jax.layout import Layout
-from parscale_jax.logger import MetricsLogger
+from parscale_jax.training.logger import MetricsLogger
 from parscale_jax.model import DECAYED, GrowthMasks, init_params, merge_params, model_graphdef, param_info
 from parscale_jax.model.config import ModelConfig
-from parscale_jax.preemption import StopRequests
+from parscale_jax.training.preemption import StopRequests
 from parscale_jax.runs import Run, partition_trainable
 from parscale_jax.sharding import constrain
 from parscale_jax.transforms.grow import grow_state
@@ -185,7 +186,7 @@ def mean_loss(eval_step, params: dict, batches: Iterable[dict[str, np.ndarray]],
         ce_total += float(ce_sum)
         n_total += float(n_tokens)
     if n_total == 0:
-        raise data.DataError("the evaluation data holds no target tokens")
+        raise DataError("the evaluation data holds no target tokens")
     return ce_total / n_total, int(n_total)
 
 

@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from parscale_jax import plotting
-from parscale_jax.config import Config, ConfigError, stage_models
-from parscale_jax.counting import non_embedding_params
+from parscale_jax.analysis import plotting
+from parscale_jax.config import Config, stage_models
+from parscale_jax.errors import ConfigError
+from parscale_jax.model.counting import non_embedding_params
 
 
 def runs(config: Config) -> dict[str, Config]:

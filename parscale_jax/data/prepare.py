@@ -26,12 +26,12 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from parscale_jax.data import HFTokenizer, decoded, json_lines, tokenizer_named
-from parscale_jax.prepared import (
+from parscale_jax.data.pipeline import HFTokenizer, decoded, json_lines, tokenizer_named
+from parscale_jax.errors import DataError
+from parscale_jax.data.prepared import (
     FORMAT,
     MANIFEST,
     WRITER_OPTIONS,
-    DataError,
     mix64,
     token_dtype,
     tokenizer_sha256,

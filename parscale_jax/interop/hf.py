@@ -6,7 +6,7 @@ permute the aggregator's interleaved input columns (`d·P + p`) to our stream-ma
 
 A P = 1 model is written as a plain `Qwen2ForCausalLM` (or `LlamaForCausalLM` without q/k/v
 biases). A P > 1 model is a `qwen2_parscale` checkpoint, which carries its own PyTorch modeling code
-(`parscale_jax/hf_remote/`) for `trust_remote_code=True`. The tensors are named and laid out as the
+(`parscale_jax/interop/hf_remote/`) for `trust_remote_code=True`. The tensors are named and laid out as the
 official ParScale code expects, so that code loads our checkpoints too.
 """
 
@@ -28,7 +28,8 @@ from flax.nnx.traversals import flatten_mapping, unflatten_mapping
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from parscale_jax.config import ConfigError, ModelConfig, validate_model
+from parscale_jax.config import ModelConfig, validate_model
+from parscale_jax.errors import ConfigError
 from parscale_jax.model import param_info
 
 _REMOTE_CODE = ("configuration_qwen2_parscale.py", "modeling_qwen2_parscale.py")
@@ -304,7 +305,7 @@ BYTE_EOS = "<|endoftext|>"
 
 def _tokenizer_files(tokenizer: str, max_length: int) -> tuple[dict[str, str], int | None]:
     """(file name → text, eos id) of the tokenizer to ship: ours, or the user's as is."""
-    from parscale_jax.data import ByteTokenizer, HFTokenizer
+    from parscale_jax.data.pipeline import ByteTokenizer, HFTokenizer
 
     def tokenizer_config(eos_token: str | None) -> str:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": eos_token,
@@ -365,7 +366,7 @@ def write_hf_checkpoint(out_dir: str | Path, params: dict[str, Any], cfg: ModelC
         generation = {"eos_token_id": eos_id, "pad_token_id": eos_id, "bos_token_id": None}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if cfg.parscale_n > 1:
-            code = importlib.resources.files("parscale_jax") / "hf_remote"
+            code = importlib.resources.files("parscale_jax.interop") / "hf_remote"
             for name in _REMOTE_CODE:
                 (tmp / name).write_text((code / name).read_text(encoding="utf-8"), encoding="utf-8")
         _write_tensors(tmp, hf_tensor_sources(params, cfg), np_dtype, max_shard_bytes)

@@ -38,10 +38,6 @@ FORMAT = 1  # the manifest's format version
 WRITER_OPTIONS = "group_size:1,uncompressed"  # one record a chunk: reading a document reads only it
 
 
-class DataError(ValueError):
-    """One-line, user-facing error about the corpus or tokenizer."""
-
-
 def tokenizer_sha256(name: str) -> str:
     """What identifies a tokenizer: the hash of its tokenizer.json, or of the name 'byte'."""
     data = b"byte" if name == "byte" else Path(name).read_bytes()

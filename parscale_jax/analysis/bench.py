@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parscale_jax import bench_torch, plotting
+from parscale_jax.analysis import torch_peer as bench_torch
+from parscale_jax.analysis import plotting
 from parscale_jax.config import Config, ModelConfig, SamplingConfig
-from parscale_jax.counting import non_embedding_params, train_flops_per_token
-from parscale_jax.generate import Generator
+from parscale_jax.model.counting import non_embedding_params, train_flops_per_token
+from parscale_jax.inference.generate import Generator
 from parscale_jax.layout import Layout
 from parscale_jax.model import init_params, model_graphdef
 
@@ -181,7 +182,7 @@ def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5,
                      peer: str | None = None) -> list[dict[str, Any]]:
     """Training tokens/s and model FLOP utilization for every P, the peak measured in the same run;
     with `peer="torch"` the PyTorch implementation's tokens/s too, measured right after ours."""
-    from parscale_jax.train import create_state_fn, jit_train_step
+    from parscale_jax.training.loop import create_state_fn, jit_train_step
 
     peak = matmul_peak_flops()
     B, S = config.train.batch_size, config.data.seq_len

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from scipy.optimize import minimize
 
-from parscale_jax import plotting
+from parscale_jax.analysis import plotting
 
 HUBER_DELTA = 1e-3
 A_SCALE = 1e9  # the fit works with A / 1e9, as the paper's script does
@@ -90,7 +90,7 @@ def read_results(path: str, group: str | None) -> dict[str, tuple[np.ndarray, np
     final_loss, eval_loss or loss."""
     import csv
 
-    from parscale_jax.config import ConfigError
+    from parscale_jax.errors import ConfigError
 
     try:
         with open(path, newline="", encoding="utf-8") as f:

@@ -25,9 +25,10 @@ import grain
 import numpy as np
 import tokenizers
 
-from parscale_jax import prepared
+from parscale_jax.data import prepared
 from parscale_jax.config import Config, DataConfig
-from parscale_jax.prepared import DataError, rows_from_tokens
+from parscale_jax.data.prepared import rows_from_tokens
+from parscale_jax.errors import DataError
 
 ROW_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")

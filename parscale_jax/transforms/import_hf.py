@@ -16,8 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from parscale_jax import hf
-from parscale_jax.config import Config, ConfigError, DataConfig, ModelConfig, load_config
+from parscale_jax.interop import hf
+from parscale_jax.config import Config, DataConfig, ModelConfig, load_config
+from parscale_jax.errors import ConfigError
 from parscale_jax.layout import Layout
 from parscale_jax.runs import Run, check_new, initial_weights
 

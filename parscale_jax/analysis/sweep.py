@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from parscale_jax.config import Config, ConfigError, ModelConfig, validate
-from parscale_jax.counting import non_embedding_params, total_params
+from parscale_jax.config import Config, ModelConfig, validate
+from parscale_jax.errors import ConfigError
+from parscale_jax.model.counting import non_embedding_params, total_params
 from parscale_jax.files import write_atomic
 
 RESULT = "result.json"
@@ -71,7 +72,7 @@ def run_one(name: str, config: Config, run_dir: Path, progress: bool) -> dict[st
     import jax
 
     from parscale_jax.runs import Run
-    from parscale_jax.train import evaluate, train
+    from parscale_jax.training.loop import evaluate, train
 
     last = train(config, run_dir, progress=progress)
     evaluation = evaluate(Run(run_dir, config))

@@ -1,0 +1,1 @@
+"""Measuring runs and models: the scaling law, sweeps, memory plans and benchmarks."""
