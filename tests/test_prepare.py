@@ -20,7 +20,7 @@ import zstandard
 from test_reliability import finish, start_training, wait_for_step
 from test_sharding import two_processes
 
-from parscale_jax.data import pipeline as data
+from parscale_jax.data.tokenizer import ByteTokenizer
 from parscale_jax.data import prepare
 from parscale_jax.data import prepared
 from parscale_jax.cli import main
@@ -84,7 +84,7 @@ def test_every_input_kind_is_read_and_its_documents_come_back(sources):
     held_out = [prepare.is_held_out(i, 0.1) for i in range(len(expected))]
     assert 5 < sum(held_out) < 40
     source = prepared.Source(str(a), manifest)
-    tokenizer = data.ByteTokenizer()
+    tokenizer = ByteTokenizer()
     train_docs = [tokenizer.decode(source.document(source.train[i])[:-1]) for i in range(len(source.train))]
     assert train_docs == [d for d, h in zip(expected, held_out) if not h]
     eval_docs = [tokenizer.decode(d[:-1]) for d in source.eval_documents()]
@@ -92,7 +92,8 @@ def test_every_input_kind_is_read_and_its_documents_come_back(sources):
     assert manifest["train_tokens"] + manifest["eval_tokens"] == sum(len(d.encode()) for d in expected)
 
 
-def test_the_same_inputs_give_the_same_bytes_and_a_killed_prepare_finishes_them(sources, tmp_path, monkeypatch):
+def test_the_same_inputs_give_the_same_bytes_and_a_killed_prepare_finishes_them(sources, tmp_path, monkeypatch,
+                                                                                 capsys):
     a, _, _ = sources
     inputs = [str(a.parent / "inputs-a")]
     real_write = prepare._write_records
@@ -111,8 +112,12 @@ def test_the_same_inputs_give_the_same_bytes_and_a_killed_prepare_finishes_them(
     with pytest.raises(DataError, match="not completely prepared"):
         prepared.read_manifest(str(tmp_path / "again"))
     monkeypatch.setattr(prepare, "_write_records", real_write)
+    capsys.readouterr()
     prepare.prepare(str(tmp_path / "again"), inputs, eval_fraction=0.1, shard_tokens=3000, progress=False)
+    assert "prepare: continuing after shard 0, which an earlier run wrote" in capsys.readouterr().err
     assert folder_bytes(tmp_path / "again") == folder_bytes(a)
+    prepare.prepare(str(tmp_path / "again"), inputs, eval_fraction=0.1, shard_tokens=3000, progress=False)
+    assert "is prepared already; nothing to do" in capsys.readouterr().err
 
 
 def test_prepare_command_with_a_tokenizer_file(sources, tmp_path, capsys):
@@ -220,7 +225,7 @@ def prepare_error(tmp_path: Path, *inputs: str, **options) -> str:
     out = tmp_path / "out"
     with pytest.raises(DataError) as error:
         prepare.prepare(str(out), list(inputs), progress=False, **options)
-    assert not out.exists() or not list(out.iterdir()), "a failed prepare left files behind"
+    assert not out.exists(), "a failed prepare left its --out folder behind"
     return str(error.value)
 
 
@@ -245,6 +250,11 @@ def test_bad_inputs_are_one_line_errors_that_leave_nothing(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": "   "}\n')
     assert "no non-empty documents" in prepare_error(tmp_path, str(empty))
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    with pytest.raises(DataError):
+        prepare.prepare(str(kept), [str(empty)], progress=False)
+    assert kept.is_dir(), "a folder the user made is emptied of what prepare wrote, not removed"
 
 
 def test_bad_sources_are_one_line_errors(sources, tmp_path, capsys):

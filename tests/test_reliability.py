@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parscale_jax.data import pipeline as data
+from parscale_jax.data import pipeline
 from parscale_jax.training import loop as train_module
 from parscale_jax.checkpoint import Checkpointer
 from parscale_jax.cli import main
@@ -312,7 +312,7 @@ def test_what_a_failed_save_leaves_behind_is_silent_without_debug(mode):
 
 def poison_token(config, steps: int) -> tuple[int, list[int]]:
     """A token that occurs in a few of the first `steps` batches, and those steps."""
-    batches = iter(data.train_dataset(config))
+    batches = iter(pipeline.train_dataset(config))
     batches = [next(batches)["tokens"] for _ in range(steps)]
     for token in range(256):
         steps_with = [i + 1 for i, tokens in enumerate(batches) if np.any(tokens == token)]

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from parscale_jax.data import pipeline as data
+from parscale_jax.data.packing import ROW_KEYS
 from parscale_jax.config import Config
 from parscale_jax.errors import ConfigError
 from parscale_jax.growth import Ramp, Schedule, describe
@@ -140,7 +140,7 @@ def _plan_phase(config: Config, target: Target, ramp: Ramp | None) -> dict[str, 
     frozen = with_shardings(frozen, frozen_shardings)
     B, S = config.train.batch_size, config.data.seq_len
     batch = {key: jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=layout.batch_sharding())
-             for key in data.ROW_KEYS}
+             for key in ROW_KEYS}
     halted = jax.ShapeDtypeStruct((), jnp.bool_, sharding=layout.replicated())
 
     report: dict[str, Any] = {

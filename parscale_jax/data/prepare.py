@@ -13,127 +13,23 @@ give the same bytes.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from parscale_jax.data.pipeline import HFTokenizer, decoded, json_lines, tokenizer_named
+from parscale_jax.data.corpus import Counted, corpus_files, read_documents
+from parscale_jax.data.prepared import FORMAT, MANIFEST, WRITER_OPTIONS, mix64
+from parscale_jax.data.tokenizer import encode_all, token_dtype, tokenizer_named, tokenizer_sha256
 from parscale_jax.errors import DataError
-from parscale_jax.data.prepared import (
-    FORMAT,
-    MANIFEST,
-    WRITER_OPTIONS,
-    mix64,
-    token_dtype,
-    tokenizer_sha256,
-)
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 OPTION = "--text-key"  # what errors about a missing text field point to
 BATCH_BYTES = 4 << 20  # text tokenized at once: enough to keep every core busy
-
-
-def _kind(path: epath.Path) -> str | None:
-    return next((suffix for suffix in SUFFIXES if path.name.endswith(suffix)), None)
-
-
-def input_files(inputs: list[str]) -> list[epath.Path]:
-    """The named files, and the files of the known kinds under the named folders, in order."""
-    files = []
-    for name in inputs:
-        path = epath.Path(name)
-        if path.is_dir():
-            found = sorted((p for p in _walk(path) if _kind(p)), key=str)
-            if not found:
-                raise DataError(f"{name}: no {', '.join(SUFFIXES)} files in this folder")
-            files.extend(found)
-        elif path.exists():
-            if not _kind(path):
-                raise DataError(f"{name}: not one of {', '.join(SUFFIXES)}")
-            files.append(path)
-        else:
-            raise DataError(f"{name}: not found")
-    return files
-
-
-def _walk(folder: epath.Path) -> Iterator[epath.Path]:
-    """Every file under a folder (epath's own recursive glob refuses cloud storage)."""
-    for path in folder.iterdir():
-        if path.is_dir():
-            yield from _walk(path)
-        else:
-            yield path
-
-
-# --- Reading documents ---
-
-
-class _Counted(io.RawIOBase):
-    """A binary file that counts the bytes read from it (for progress through compressed files)."""
-
-    def __init__(self, raw):
-        self.raw, self.count = raw, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self.raw.read(len(buffer))
-        buffer[:len(data)] = data
-        self.count += len(data)
-        return len(data)
-
-
-def _parquet_texts(path: epath.Path, counted: _Counted, text_key: str) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table_file = pq.ParquetFile(counted.raw)  # Parquet seeks: read the file itself
-    except pa.ArrowException as err:
-        raise DataError(f"{path}: not a Parquet file: {err}") from None
-    schema = table_file.schema_arrow
-    if text_key not in schema.names:
-        raise DataError(f"{path}: no column '{text_key}' ({OPTION}); its columns: {', '.join(schema.names)}")
-    if not (pa.types.is_string(schema.field(text_key).type) or pa.types.is_large_string(schema.field(text_key).type)):
-        raise DataError(f"{path}: column '{text_key}' holds {schema.field(text_key).type}, not text")
-    size, rows, done = path.stat().length, max(table_file.metadata.num_rows, 1), 0
-    for batch in table_file.iter_batches(batch_size=1024, columns=[text_key]):
-        for text in batch.column(0).to_pylist():
-            if text is not None:
-                yield text
-        done += batch.num_rows
-        counted.count = size * done // rows
-
-
-def read_documents(path: epath.Path, text_key: str, counted: _Counted) -> Iterator[str]:
-    """The documents of one input file, read through `counted`."""
-    kind = _kind(path)
-    if kind == ".txt":
-        yield decoded(counted.read(), str(path))
-    elif kind == ".jsonl":
-        yield from json_lines(io.BufferedReader(counted, 1 << 20), str(path), text_key, OPTION)
-    elif kind == ".jsonl.gz":
-        yield from json_lines(gzip.GzipFile(fileobj=counted), str(path), text_key, OPTION)
-    elif kind == ".jsonl.zst":
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor().stream_reader(counted)
-        yield from json_lines(io.BufferedReader(reader, 1 << 20), str(path), text_key, OPTION)
-    else:
-        yield from _parquet_texts(path, counted, text_key)
-
-
-# --- Writing shards ---
 
 
 def is_held_out(index: int, eval_fraction: float) -> bool:
@@ -193,23 +89,25 @@ def prepare(out: str, inputs: list[str], tokenizer: str = "byte", eval_fraction:
         raise DataError(f"--eval-fraction: must lie in [0, 1), got {eval_fraction}")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens: must be >= 1, got {shard_tokens}")
-    files = input_files(inputs)
+    files = corpus_files(inputs)
     tok = tokenizer_named(tokenizer, "--tokenizer")
     settings = {
         "format": FORMAT,
         "tokenizer": {"name": tokenizer if tokenizer == "byte" else os.path.basename(tokenizer),
-                      "sha256": tokenizer_sha256(tokenizer), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+                      "sha256": tokenizer_sha256(tokenizer, "--tokenizer"), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
         "dtype": token_dtype(tok.vocab_size).name,
         "inputs": [{"path": str(path), "bytes": path.stat().length} for path in files],
         "text_key": text_key, "eval_fraction": eval_fraction, "shard_tokens": shard_tokens,
     }
     folder = epath.Path(out)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     settings_path = folder / "prepare.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise DataError(f"--out: {out} holds a dataset prepared from other inputs or settings; "
                         "choose another folder")
     if (folder / MANIFEST).exists():
+        print(f"prepare: {out} is prepared already; nothing to do", file=sys.stderr)
         return json.loads((folder / MANIFEST).read_text())
     _write_json(settings_path, settings)
     try:
@@ -218,6 +116,8 @@ def prepare(out: str, inputs: list[str], tokenizer: str = "byte", eval_fraction:
         for pattern in ("prepare.json", "shard-*.json*", "train-*.array_record*", "eval-*.array_record*"):
             for path in folder.glob(pattern):
                 path.unlink()
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
         raise
 
 
@@ -228,6 +128,9 @@ def _prepare(folder: epath.Path, files: list[epath.Path], tok, settings: dict, p
     while (folder / f"shard-{len(done):05d}.json").exists():
         done.append(json.loads((folder / f"shard-{len(done):05d}.json").read_text()))
     skip = done[-1]["end"] if done else 0
+    if done:
+        print(f"prepare: continuing after shard {len(done) - 1}, which an earlier run wrote "
+              f"({skip:,} input documents done)", file=sys.stderr)
     dtype = token_dtype(tok.vocab_size)
     totals = {"docs": sum(s["train_docs"] + s["eval_docs"] for s in done),
               "tokens": sum(s["train_tokens"] + s["eval_tokens"] for s in done), "text_bytes": 0}
@@ -247,7 +150,7 @@ def _prepare(folder: epath.Path, files: list[epath.Path], tok, settings: dict, p
 
     def add(batch: list[tuple[int, str]]) -> None:
         nonlocal shard
-        for (doc_index, text), ids in zip(batch, _encode(tok, [text for _, text in batch])):
+        for (doc_index, text), ids in zip(batch, encode_all(tok, [text for _, text in batch])):
             record = ids.astype(dtype).tobytes()
             if is_held_out(doc_index, eval_fraction):
                 shard.held_out.append(record)
@@ -262,9 +165,9 @@ def _prepare(folder: epath.Path, files: list[epath.Path], tok, settings: dict, p
 
     for path, entry in zip(files, settings["inputs"]):
         with path.open("rb") as raw:
-            counted = _Counted(raw)
+            counted = Counted(raw)
             batch, batch_bytes = [], 0
-            for text in read_documents(path, text_key, counted):
+            for text in read_documents(path, text_key, counted, OPTION):
                 index += 1
                 if index <= skip or not text.strip():
                     continue
@@ -291,9 +194,3 @@ def _prepare(folder: epath.Path, files: list[epath.Path], tok, settings: dict, p
     for i in range(len(done)):
         (folder / f"shard-{i:05d}.json").unlink()
     return manifest
-
-
-def _encode(tok, texts: list[str]) -> list[np.ndarray]:
-    if isinstance(tok, HFTokenizer):
-        return tok.encode_batch(texts)
-    return [tok.encode(text) for text in texts]

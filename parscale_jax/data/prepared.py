@@ -22,9 +22,7 @@ memory do not grow with the corpus.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -32,20 +30,13 @@ import numpy as np
 from etils import epath
 
 from parscale_jax.config import Config, DataConfig
+from parscale_jax.data.packing import rows_from_tokens
+from parscale_jax.data.tokenizer import tokenizer_sha256
+from parscale_jax.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # the manifest's format version
 WRITER_OPTIONS = "group_size:1,uncompressed"  # one record a chunk: reading a document reads only it
-
-
-def tokenizer_sha256(name: str) -> str:
-    """What identifies a tokenizer: the hash of its tokenizer.json, or of the name 'byte'."""
-    data = b"byte" if name == "byte" else Path(name).read_bytes()
-    return hashlib.sha256(data).hexdigest()
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 def read_manifest(path: str) -> dict[str, Any]:
@@ -126,25 +117,6 @@ def mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return x ^ (x >> 31)
-
-
-def rows_from_tokens(tokens_RL: np.ndarray, docs_RL: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows of `seq_len + 1` tokens, and which document each token came from (-1: padding), as the
-    model's inputs: shifted targets, segment ids (a segment starts at the row start and wherever the
-    document changes; padding is segment 0), positions within the segment, and the loss mask."""
-    input_docs_RS, target_docs_RS = docs_RL[:, :-1], docs_RL[:, 1:]
-    real_RS = input_docs_RS >= 0
-    starts_RS = np.ones_like(input_docs_RS, dtype=bool)
-    starts_RS[:, 1:] = input_docs_RS[:, 1:] != input_docs_RS[:, :-1]
-    index_RS = np.broadcast_to(np.arange(input_docs_RS.shape[1], dtype=np.int32), starts_RS.shape)
-    segment_start_RS = np.maximum.accumulate(np.where(starts_RS, index_RS, 0), axis=1)
-    return {
-        "tokens": tokens_RL[:, :-1].astype(np.int32),
-        "targets": tokens_RL[:, 1:].astype(np.int32),
-        "segment_ids": np.where(real_RS, np.cumsum(starts_RS, axis=1, dtype=np.int32), 0).astype(np.int32),
-        "positions": np.where(real_RS, index_RS - segment_start_RS, 0).astype(np.int32),
-        "loss_mask": (real_RS & (input_docs_RS == target_docs_RS)).astype(np.int32),
-    }
 
 
 class PackedRows(grain.IterDataset):

@@ -305,7 +305,7 @@ BYTE_EOS = "<|endoftext|>"
 
 def _tokenizer_files(tokenizer: str, max_length: int) -> tuple[dict[str, str], int | None]:
     """(file name → text, eos id) of the tokenizer to ship: ours, or the user's as is."""
-    from parscale_jax.data.pipeline import ByteTokenizer, HFTokenizer
+    from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 
     def tokenizer_config(eos_token: str | None) -> str:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": eos_token,

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from parscale_jax import growth
 from parscale_jax.data import pipeline as data
+from parscale_jax.data.packing import Rows, take_rows
 from parscale_jax.config import Config, TrainConfig, to_dict
 from parscale_jax.model.counting import train_flops_per_token
 from parscale_jax.errors import DataError, NonFiniteError
@@ -215,16 +216,16 @@ def jit_eval_step(graphdef: nnx.GraphDef, layout: Layout, params: dict):
                    out_shardings=layout.replicated())
 
 
-def placed_eval_batches(config: Config, layout: Layout, rows: data.Rows | None = None,
+def placed_eval_batches(config: Config, layout: Layout, rows: Rows | None = None,
                         limit: int = 0) -> Iterable[Batch]:
     """`data.eval_batches` as global arrays on the mesh, each process supplying its own rows."""
     batch_size = config.train.batch_size
     mine = layout.process_rows(batch_size)
     batches = data.eval_batches(config, rows, limit)  # a bad corpus fails here, not mid-loop
-    return (layout.put_batch(data.take_rows(batch, mine), batch_size) for batch in batches)
+    return (layout.put_batch(take_rows(batch, mine), batch_size) for batch in batches)
 
 
-def evaluate(run: Run, rows: data.Rows | None = None, limit: int = 0, step: int | None = None) -> dict[str, Any]:
+def evaluate(run: Run, rows: Rows | None = None, limit: int = 0, step: int | None = None) -> dict[str, Any]:
     """Mean loss of a run's latest checkpoint (or `step`; 0: its starting weights) on `rows`
     (default: the held-out split)."""
     run = run.settled(step, "eval")
