@@ -13,13 +13,18 @@ import importlib.resources
 import math
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import yaml
+from flax.nnx.traversals import flatten_mapping
 
+from parscale_jax import sharding
 from parscale_jax.errors import ConfigError
-from parscale_jax.model import ATTENTION_KERNELS, FFN_TYPES, REMAT_POLICIES
+from parscale_jax.model import ATTENTION_KERNELS, FFN_TYPES, REMAT_POLICIES, activation_axes, param_info
+from parscale_jax.model import splash
 from parscale_jax.model.config import ModelConfig
 
 
@@ -30,7 +35,6 @@ SCHEDULES = ("cosine", "wsd", "constant")
 TRAINABLE = ("all", "parscale")
 ON_NONFINITE = ("skip", "stop")
 CORPORA = ("shakespeare", "files")
-MESH_AXES = ("data", "stream", "model")  # the device mesh, in this order; see parscale_jax/sharding.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +82,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step; batch_size must divide evenly
     lr: float = 3e-3
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, after linear warmup
-    warmup_steps: int = 30
+    warmup_steps: int | None = None  # None: a tenth of `steps`, filled in when the config is made
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1  # not applied to norms and biases
@@ -94,6 +98,10 @@ class TrainConfig:
     on_nonfinite: str = "skip"  # NaN/Inf loss or gradients: skip that update, or stop with the last good state saved
     growth: tuple[GrowthStage, ...] = ()  # masked structural growth during the run (growth.py)
 
+    def __post_init__(self):
+        if self.warmup_steps is None and isinstance(self.steps, int):
+            object.__setattr__(self, "warmup_steps", round(self.steps / 10))
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -104,13 +112,31 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh (data, stream, model); see parscale_jax/sharding.py for what each axis holds."""
+    """The device mesh: how many devices each of its axes spans, FSDP, and TPU slices.
 
-    data: int = -1  # batch rows; -1: every device that stream and model leave
-    stream: int = 1  # the P parallel streams (and their prefixes); must divide P
-    model: int = 1  # tensor parallelism: heads, MLP width, vocabulary
+    The axes are the ones the sharding rules name (`sharding.mesh_axes()`: data, stream, model), each
+    a key of its own in YAML and overrides (`mesh.stream=2`); parscale_jax/sharding.py says what each
+    holds. -1 fills the devices the others leave (on one axis at most); an axis not given spans one
+    device, except `data`, which fills.
+    """
+
+    sizes: tuple[tuple[str, int], ...] = ()  # (axis, devices) for every mesh axis, filled in when made
     fsdp: bool = False  # also shard parameters and optimizer state over `data` (ZeRO-3)
     dcn_data: int = 1  # multi-slice TPU: slices, joined over the data-center network along `data`
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple(self.shape.items()))
+
+    @property
+    def shape(self) -> dict[str, int]:
+        """{mesh axis: devices (-1: fill)} for every axis the rules name now, in the mesh's order."""
+        given, fill = dict(self.sizes), sharding.fill_axis()
+        return {axis: given.get(axis, -1 if axis == fill else 1) for axis in sharding.mesh_axes()}
+
+    @classmethod
+    def one_device(cls) -> MeshConfig:
+        """Every axis of size 1: one device holds everything."""
+        return cls(tuple((axis, 1) for axis in sharding.mesh_axes()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +152,11 @@ class SamplingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    mesh: MeshConfig = MeshConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # made when asked: the rules may have grown
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,29 +222,39 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(prefix.rstrip("."), f"expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    mesh_sizes = {}
+    if cls is MeshConfig:  # the mesh's axes are keys of their own: mesh.data=2
+        names = [*sharding.mesh_axes(), *(name for name in names if name != "sizes")]
     kwargs = {}
     for name, value in values.items():
         key = prefix + (str(name) or "''")
         if name not in names:
             raise ConfigError(key, f"unknown key{_closest(str(name), names)}")
-        if dataclasses.is_dataclass(hints[name]):
+        if cls is MeshConfig and name in sharding.mesh_axes():
+            mesh_sizes[name] = _check_type(key, value, int)
+        elif dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], value, key + ".")
         else:
             kwargs[name] = _check_type(key, value, hints[name])
+    if cls is MeshConfig:
+        kwargs["sizes"] = tuple(mesh_sizes.items())
     return cls(**kwargs)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists), the form saved next to checkpoints."""
+    """Plain nested dict (tuples as lists; the mesh's axes as keys of their own), the form saved
+    next to checkpoints."""
 
     def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, MeshConfig):
+            return {**value.shape, "fsdp": value.fsdp, "dcn_data": value.dcn_data}
+        if dataclasses.is_dataclass(value):
+            return {field.name: plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
         if isinstance(value, tuple):
-            return list(value)
+            return [plain(v) for v in value]
         return value
 
-    return plain(dataclasses.asdict(config))
+    return plain(config)
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -281,6 +317,14 @@ def packaged_config_path(name: str) -> Path:
     return path
 
 
+def config_file(name_or_path: str | Path) -> Path:
+    """A YAML file, or the name of a config shipped with the package."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return packaged_config_path(str(name_or_path))
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -297,12 +341,41 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
 ) -> Config:
-    """Defaults <- `base` dict <- YAML file <- dotted overrides, then validated."""
+    """Defaults <- `base` dict <- YAML file (a path, or a shipped config's name) <- dotted overrides,
+    then validated. Left out, `model.vocab_size` is the tokenizer's size rounded up to a multiple of
+    64; relative paths of local files become absolute, so that the config means the same from any
+    directory."""
     values = base or {}
     if path is not None:
-        values = _merge(values, read_yaml(path))
+        values = _merge(values, read_yaml(config_file(path)))
     values = _merge(values, parse_overrides(overrides or []))
-    return validate(_build(Config, values, ""))
+    config = _build(Config, values, "")
+    if "vocab_size" not in values.get("model", {}) and config.data.tokenizer != "byte":  # bytes: the default
+        vocab_size = -(-_tokenizer_size(config.data.tokenizer) // 64) * 64
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
+    return _absolute_paths(validate(config))
+
+
+def _tokenizer_size(path: str) -> int:
+    """The number of tokens of a tokenizer.json."""
+    if not Path(path).is_file():
+        raise ConfigError("data.tokenizer", f"file not found: {path}")
+    try:
+        return tokenizers.Tokenizer.from_file(path).get_vocab_size()
+    except Exception as err:  # tokenizers raises a bare Exception on malformed files
+        raise ConfigError("data.tokenizer", f"{path} is not a tokenizer.json: {err}".splitlines()[0]) from None
+
+
+def _absolute_paths(config: Config) -> Config:
+    """`config` with its local files named by absolute paths (URLs and 'byte' as they are)."""
+
+    def absolute(path: str) -> str:
+        return path if not path or path == "byte" or "://" in path else str(Path(path).absolute())
+
+    d = config.data
+    data = dataclasses.replace(d, tokenizer=absolute(d.tokenizer), paths=tuple(map(absolute, d.paths)),
+                               sources=tuple(dataclasses.replace(s, path=absolute(s.path)) for s in d.sources))
+    return dataclasses.replace(config, data=data)
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -342,6 +415,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _require_one_of(m.remat, ("none", *REMAT_POLICIES), "model.remat")
     _require_one_of(m.ffn, tuple(FFN_TYPES), "model.ffn")
     _require_one_of(m.attention, tuple(ATTENTION_KERNELS), "model.attention")
+    _require(m.attention != "splash" or splash.unsupported() is None, "model.attention", str(splash.unsupported()))
     _require(m.parscale_n >= 1, "model.parscale_n", f"P must be >= 1, got {m.parscale_n}")
     _require(m.parscale_n_tokens >= 0, "model.parscale_n_tokens",
              f"T must be >= 0, got {m.parscale_n_tokens}")
@@ -350,56 +424,33 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     return m
 
 
-def _mesh_sizes(mesh: MeshConfig) -> dict[str, int]:
-    return {name: getattr(mesh, name) for name in MESH_AXES}
+def split_dimensions(m: ModelConfig, t: TrainConfig) -> Iterator[tuple[str, int, str]]:
+    """(logical axis, size, what it is) of every dimension a mesh may split: the micro-batch's rows,
+    the activations' axes the model declares, then every parameter's declared axes."""
+    micro_batch = t.batch_size // t.grad_accum
+    yield "batch", micro_batch, f"the micro-batch of {micro_batch} rows (train.batch_size / train.grad_accum)"
+    for logical, (size, what) in activation_axes(m).items():
+        yield logical, size, what
+    for path, info in flatten_mapping(param_info(m)).items():
+        for logical, size in zip(info.axes, info.shape):
+            yield logical, size, f"dimension '{logical}' ({size}) of parameter {'/'.join(path)}"
 
 
-def validate_mesh(mesh: MeshConfig, m: ModelConfig, t: TrainConfig) -> None:
-    """The mesh rules that hold for any device count (an axis of -1 is checked once resolved)."""
-    sizes = _mesh_sizes(mesh)
-    for name, size in sizes.items():
+def validate_mesh(mesh: MeshConfig, m: ModelConfig, t: TrainConfig) -> dict[str, tuple[str, ...]]:
+    """Check the mesh for any device count (an axis of -1 is checked once resolved); return the
+    sharding rules in force on it."""
+    shape = mesh.shape
+    for name, size in shape.items():
         _require(size >= 1 or size == -1, f"mesh.{name}", f"must be >= 1 or -1 (fill), got {size}")
-    filled = [name for name, size in sizes.items() if size == -1]
-    _require(len(filled) <= 1, f"mesh.{filled[-1] if filled else 'data'}",
+    filled = [name for name, size in shape.items() if size == -1]
+    _require(len(filled) <= 1, f"mesh.{filled[-1] if filled else sharding.fill_axis()}",
              f"only one axis may be -1 (fill), got {', '.join(filled)}")
     _require(mesh.dcn_data >= 1, "mesh.dcn_data", f"must be >= 1, got {mesh.dcn_data}")
-    if mesh.stream > 0:
-        _require(m.parscale_n % mesh.stream == 0, "mesh.stream",
-                 f"{mesh.stream} devices do not divide the {m.parscale_n} streams (model.parscale_n)")
-    if mesh.model > 0:
-        for name in ("num_heads", "intermediate_size", "vocab_size"):
-            size = getattr(m, name)
-            _require(size % mesh.model == 0, "mesh.model",
-                     f"model.{name}={size} is not divisible by mesh.model={mesh.model}")
-    if mesh.data > 0:
-        _require(mesh.data % mesh.dcn_data == 0, "mesh.dcn_data",
-                 f"{mesh.dcn_data} slices do not divide mesh.data={mesh.data}")
-        micro_batch = t.batch_size // t.grad_accum
-        _require(micro_batch % mesh.data == 0, "mesh.data",
-                 f"the micro-batch of {micro_batch} rows (train.batch_size / train.grad_accum) "
-                 f"does not split over mesh.data={mesh.data} devices")
-        if mesh.fsdp:
-            _require(m.hidden_size % mesh.data == 0, "mesh.fsdp",
-                     f"model.hidden_size={m.hidden_size} is not divisible by mesh.data={mesh.data}")
-
-
-def resolve_mesh(config: Config, num_devices: int) -> MeshConfig:
-    """`config.mesh` with its -1 axis filled in for `num_devices`, checked against them."""
-    mesh = config.mesh
-    sizes = _mesh_sizes(mesh)
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    shape = " x ".join(f"{name}={size}" for name, size in sizes.items())
-    for name, size in sizes.items():
-        if size == -1:
-            _require(num_devices % fixed == 0, f"mesh.{name}",
-                     f"cannot fill: {num_devices} devices do not split into {shape}")
-            mesh = dataclasses.replace(mesh, **{name: num_devices // fixed})
-    resolved = math.prod(_mesh_sizes(mesh).values())
-    shape = " x ".join(f"{name}={size}" for name, size in _mesh_sizes(mesh).items())
-    _require(resolved == num_devices, "mesh",
-             f"{shape} = {resolved} devices, but {num_devices} are available (set one axis to -1 to fill)")
-    validate_mesh(mesh, config.model, config.train)
-    return mesh
+    data = shape[sharding.fill_axis()]
+    if data > 0:
+        _require(data % mesh.dcn_data == 0, "mesh.dcn_data", f"{mesh.dcn_data} slices do not divide mesh.data={data}")
+    dims = list(split_dimensions(m, t)) if any(size > 1 for size in shape.values()) else []  # else nothing is split
+    return sharding.check_divisible(dims, shape, m.num_kv_heads, mesh.fsdp)
 
 
 def validate(config: Config) -> Config:
@@ -467,6 +518,9 @@ def validate_growth(config: Config) -> None:
         _require(0 <= stage.step < t.steps, f"{key}.step", f"must lie in [0, train.steps={t.steps}), got {stage.step}")
         _require(stage.ramp_steps >= 1, f"{key}.ramp_steps", f"must be >= 1, got {stage.ramp_steps}")
         if i + 1 < len(stages):
+            _require(stages[i + 1].step > stage.step, f"train.growth[{i + 1}].step",
+                     f"the stages must be in the order of their steps: {stages[i + 1].step} comes after "
+                     f"{stage.step}")
             _require(stage.step + stage.ramp_steps <= stages[i + 1].step, f"{key}.ramp_steps",
                      f"the ramp ends at step {stage.step + stage.ramp_steps}, after the next stage begins "
                      f"(step {stages[i + 1].step})")
@@ -483,6 +537,10 @@ def validate_growth(config: Config) -> None:
             validate_mesh(config.mesh, new, t)
         except ConfigError as err:
             raise ConfigError(key, f"the grown model: {err}") from None
+        _require(stage.step + stage.ramp_steps <= t.steps, f"{key}.ramp_steps",
+                 f"the ramp of {stage.ramp_steps} steps (100 unless set) would end at step "
+                 f"{stage.step + stage.ramp_steps}, after train.steps={t.steps}: the run would end inside it, where "
+                 "its checkpoints cannot be evaluated or exported; set a shorter ramp_steps")
     _require(not stages or t.trainable == "all", "train.growth",
              "grows the whole model; it cannot be combined with train.trainable=parscale")
 

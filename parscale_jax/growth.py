@@ -14,6 +14,7 @@ from step k to k + 1 runs in `phase(k)`, and the checkpoint of step k holds a mo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 
@@ -49,6 +50,10 @@ class Ramp:
         return GrowthMasks(hidden_D=live("hidden_size"), mlp_F=live("intermediate_size"), heads_N=live("num_heads"),
                            depth=live("num_layers"), streams_P=live("parscale_n"))
 
+    def settled_masks(self, step: int) -> GrowthMasks | None:
+        """The masks of the state after `step` updates: None once the ramp is over (all are 1)."""
+        return None if step >= self.start + self.steps else self.masks(step)
+
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
@@ -62,6 +67,21 @@ def describe(model: ModelConfig) -> str:
     """The sizes growth can change, in a line."""
     return (f"hidden {model.hidden_size}, MLP {model.intermediate_size}, {model.num_heads} heads "
             f"({model.num_kv_heads} kv), {model.num_layers} layers, P = {model.parscale_n}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What the update that makes step `step` needs of the schedule."""
+
+    step: int
+    phase: Phase  # the model and ramp it runs in
+    seed: int | None  # of the new weights, where a stage begins with it
+    flops_per_token: float  # training FLOPs of a token through the phase's model
+    flops: float  # training FLOPs of the run once it is done
+
+    def eval_masks(self) -> GrowthMasks | None:
+        """The masks to evaluate the state it makes with: None when none is below 1."""
+        return None if self.phase.ramp is None else self.phase.ramp.settled_masks(self.step)
 
 
 class Schedule:
@@ -93,24 +113,35 @@ class Schedule:
 
     def masks_at(self, step: int) -> GrowthMasks | None:
         """The masks to evaluate the state of `step` with: None when none is below 1."""
-        if step == 0:
-            return None
-        ramp = self.phase(step - 1).ramp
-        return None if ramp is None or step >= ramp.start + ramp.steps else ramp.masks(step)
+        ramp = None if step == 0 else self.phase(step - 1).ramp
+        return None if ramp is None else ramp.settled_masks(step)
 
-    def require_settled(self, step: int, what: str) -> ModelConfig:
-        """`model_at(step)`, or a ConfigError where the state of `step` still has masks below 1."""
+    def require_settled(self, step: int, what: str, checkpoints: Sequence[int] = (), chosen: bool = True
+                        ) -> ModelConfig:
+        """`model_at(step)`, or a ConfigError where the state of `step` still has masks below 1 that
+        suggests one of `checkpoints` outside a ramp; `chosen`: the step was asked for with --step
+        (else it is the newest checkpoint)."""
         if self.masks_at(step) is not None:
-            ramp = self.phase(step - 1).ramp
-            raise ConfigError("--step", f"step {step} lies inside a growth ramp (train.growth, masks below 1 until "
-                              f"step {ramp.start + ramp.steps}), which {what} cannot take: use a checkpoint of "
-                              f"step {ramp.start} or earlier, or {ramp.start + ramp.steps} or later")
+            end = self.phase(step - 1).ramp.start + self.phase(step - 1).ramp.steps
+            outside = [s for s in checkpoints if self.masks_at(s) is None]
+            which = f"step {step}" if chosen else f"the newest checkpoint, step {step},"
+            instead = f"pass --step {max(outside)} (the newest checkpoint outside a ramp) or " if outside else ""
+            raise ConfigError("--step" if chosen else "--run-dir",
+                              f"{which} lies inside a growth ramp (train.growth, masks below 1 until step {end}), "
+                              f"which {what} cannot take: {instead}train on to step {end} or later")
         return self.model_at(step)
 
     def seed_at(self, step: int) -> int:
         """The seed of the new weights of the stage that begins at `step`."""
         i, stage = next((i, stage) for i, stage in enumerate(self.stages) if stage.step == step)
         return self.seed + 1 + i if stage.seed is None else stage.seed
+
+    def at(self, step: int) -> StepPlan:
+        """The plan of the update from `step - 1` to `step`."""
+        begins = any(stage.step == step - 1 for stage in self.stages)
+        phase = self.phase(step - 1)
+        return StepPlan(step, phase, self.seed_at(step - 1) if begins else None,
+                        train_flops_per_token(phase.model, self.seq_len), self.flops(step))
 
     def flops(self, step: int) -> float:
         """Training FLOPs of the updates before `step`, each counted at its phase's model size."""

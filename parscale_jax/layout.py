@@ -4,7 +4,8 @@ state, batches and KV cache on it (by the rules of sharding.py and the axes each
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from parscale_jax.config import MESH_AXES, Config, resolve_mesh
+from parscale_jax.config import Config, MeshConfig, validate_mesh
 from parscale_jax.errors import ConfigError
 from parscale_jax.model import param_info
 from parscale_jax.model.config import ModelConfig
@@ -22,18 +23,33 @@ Path = tuple[str, ...]  # a parameter's keys in the parameter dict
 LAYER_CACHE_AXES = ("stream", "batch", "length", "kv_heads", "head_dim")  # a layer's KV cache [P, B, C, K, H]
 
 
-def make_mesh(config: Config, devices: list[Any] | None = None) -> Mesh:
-    """The (data, stream, model) mesh over `devices` (default: all), after checking it fits them.
+def resolve_mesh(config: Config, num_devices: int) -> tuple[MeshConfig, dict[str, tuple[str, ...]]]:
+    """(`config.mesh` with its -1 axis filled in for `num_devices`, checked against them and against
+    the model; the sharding rules in force on it)."""
+    shape = config.mesh.shape
+    fixed = math.prod(size for size in shape.values() if size != -1)
+    written = " x ".join(f"{name}={size}" for name, size in shape.items())
+    for name, size in shape.items():
+        if size == -1:
+            if num_devices % fixed:
+                raise ConfigError(f"mesh.{name}", f"cannot fill: {num_devices} devices do not split into {written}")
+            shape[name] = num_devices // fixed
+    written = " x ".join(f"{name}={size}" for name, size in shape.items())
+    if math.prod(shape.values()) != num_devices:
+        raise ConfigError("mesh", f"{written} = {math.prod(shape.values())} devices, but {num_devices} are "
+                          "available (set one axis to -1 to fill)")
+    mesh = dataclasses.replace(config.mesh, sizes=tuple(shape.items()))
+    return mesh, validate_mesh(mesh, config.model, config.train)
 
-    Devices are laid out by the physical topology, so `model` gets the fastest links. With
-    `mesh.dcn_data` > 1 the data axis spans that many TPU slices; the other axes stay inside one.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    mesh_cfg = resolve_mesh(config, len(devices))
+
+def device_mesh(mesh_cfg: MeshConfig, devices: list[Any]) -> Mesh:
+    """The devices laid out as `mesh_cfg` (resolved) says, by the physical topology, so that the
+    last axis (`model`) gets the fastest links. With `mesh.dcn_data` > 1 the first axis (`data`)
+    spans that many TPU slices; the other axes stay inside one."""
     slices = len({getattr(device, "slice_index", 0) for device in devices})
     if slices != mesh_cfg.dcn_data:
         raise ConfigError("mesh.dcn_data", f"is {mesh_cfg.dcn_data} but the devices form {slices} slice(s)")
-    shape = tuple(getattr(mesh_cfg, name) for name in MESH_AXES)
+    names, shape = tuple(mesh_cfg.shape), tuple(mesh_cfg.shape.values())
     if mesh_cfg.dcn_data > 1:
         per_slice = (shape[0] // mesh_cfg.dcn_data, *shape[1:])
         across = (mesh_cfg.dcn_data,) + (1,) * (len(shape) - 1)
@@ -44,7 +60,7 @@ def make_mesh(config: Config, devices: list[Any] | None = None) -> Mesh:
         except (AssertionError, NotImplementedError, ValueError):
             # Topologies the helper does not know (e.g. a subset of a host's devices): plain order.
             device_grid = np.asarray(devices).reshape(shape)
-    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(device_grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,21 +68,32 @@ class Layout:
     """A mesh, the rules in force on it, and the declared axes of one model's parameters."""
 
     mesh: Mesh
-    rules: Mapping[str, str | None]  # see `sharding.rules_for`
+    rules: Mapping[str, tuple[str, ...]]  # see `sharding.rules_for`
     param_axes: Mapping[Path, tuple[str, ...]]  # every parameter's logical axes, by path
+    fsdp: bool
 
     @classmethod
     def create(cls, config: Config, devices: list[Any] | None = None) -> Layout:
-        return cls.on(make_mesh(config, devices), config.model, config.mesh.fsdp)
+        """`config`'s model on its mesh over `devices` (default: all), checked against them."""
+        devices = list(jax.devices() if devices is None else devices)
+        mesh_cfg, rules = resolve_mesh(config, len(devices))
+        axes = {path: leaf.axes for path, leaf in _flat(param_info(config.model)).items()}
+        return cls(device_mesh(mesh_cfg, devices), rules, axes, config.mesh.fsdp)
+
+    @classmethod
+    def one_device(cls, model: ModelConfig) -> Layout:
+        """`model` on the first device alone: for benchmarks, and for reading a run to write it out."""
+        config = Config(model=model, mesh=MeshConfig.one_device())
+        return cls.create(config, jax.devices()[:1])
 
     @classmethod
     def on(cls, mesh: Mesh, model: ModelConfig, fsdp: bool) -> Layout:
         axes = {path: leaf.axes for path, leaf in _flat(param_info(model)).items()}
-        return cls(mesh, rules_for(model.num_kv_heads, mesh.shape, fsdp), axes)
+        return cls(mesh, rules_for(model.num_kv_heads, mesh.shape, fsdp), axes, fsdp)
 
     def for_model(self, model: ModelConfig) -> Layout:
         """The same mesh laid out for another shape of model (a grown one)."""
-        return Layout.on(self.mesh, model, fsdp=self.rules["embed"] == "data")
+        return Layout.on(self.mesh, model, self.fsdp)
 
     def sharding(self, logical_axes: tuple[str, ...]) -> NamedSharding:
         return NamedSharding(self.mesh, spec(logical_axes, self.rules))
@@ -121,6 +148,12 @@ class Layout:
             raise ValueError(f"this process's devices hold rows {sorted(ranges)} of the batch, not one "
                              "contiguous block; order the devices so each host's share of `data` is adjacent")
         return slice(start, stop)
+
+    def placed(self, batches: Iterable[dict[str, np.ndarray]], global_batch: int) -> Iterator[dict[str, jax.Array]]:
+        """Global batches of `global_batch` rows on the mesh, as each is asked for, of which this process
+        supplies its own rows (`process_rows`) from every batch of `batches`."""
+        mine = self.process_rows(global_batch)
+        return (self.put_batch({key: value[mine] for key, value in batch.items()}, global_batch) for batch in batches)
 
     def put_batch(self, local_batch: dict[str, np.ndarray], global_batch: int) -> dict[str, jax.Array]:
         """Global arrays from this process's rows (`process_rows`) of every batch field."""

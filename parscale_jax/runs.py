@@ -10,29 +10,35 @@ import, export, sweep, and the transforms that make new runs from old weights.
       checkpoints/    Orbax step checkpoints (checkpoints_p<P>/, one per stream set, in a PEFT run)
       metrics.jsonl, tensorboard/, eval_step<N>.json
 
-A run made from existing weights (an import today; upscaling, growth, branches, merges) can be
-evaluated, sampled and exported before it has trained a step: its step 0 is its starting weights.
+A run made from existing weights (an import, an up-scaled run; any transform) can be evaluated,
+sampled and exported before it has trained a step: its step 0 is its starting weights.
+
+Transforms read their starting points with `read_source` (a run at a settled checkpoint, or a
+Hugging Face checkpoint directory), check that several agree in shape with `check_same_shapes`, and
+write what they make with `Run.create`, whose lineage names every parent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
+import numpy as np
 import yaml
+from flax.nnx.traversals import flatten_mapping
 
 from parscale_jax.checkpoint import Checkpointer, complete_steps, restore_params, save_params
-from parscale_jax.config import Config, config_differences, from_dict, load_config, read_yaml, to_dict
+from parscale_jax.config import Config, DataConfig, config_differences, from_dict, load_config, read_yaml, to_dict
 from parscale_jax.errors import ConfigError
-from parscale_jax.errors import CheckpointError
 from parscale_jax.files import write_atomic
-from parscale_jax.layout import Layout, with_shardings
 from parscale_jax.growth import Schedule
+from parscale_jax.interop import hf
+from parscale_jax.layout import Layout
 from parscale_jax.model import abstract_params, init_params, merge_params, split_params
 from parscale_jax.model.config import ModelConfig
 
@@ -79,17 +85,19 @@ class Run:
         return cls(directory, load_config(base=read_yaml(saved), overrides=list(overrides)))
 
     @classmethod
-    def create(cls, directory: str | Path, config: Config, lineage: dict[str, Any],
-               initial: dict[str, dict] | None = None) -> Run:
+    def create(cls, directory: str | Path, config: Config, initial: dict[str, dict], made_from: str,
+               parents: Sequence[dict[str, Any]], **details: Any) -> Run:
         """A new run that starts from existing weights: `initial` maps "backbone" (and
-        "parscale_p<P>" for a stream set) to parameter trees on the mesh; `lineage` says where they
-        came from. Training it, or evaluating it at step 0, starts from these weights."""
+        "parscale_p<P>" for a stream set) to parameter trees on the mesh. Its lineage says how it was
+        made (`made_from`: the transform, with its `details`) and from what: `parents`, each a
+        `Source.parent` (several for a merge). Training it, or evaluating it at step 0, starts from
+        these weights."""
         run = cls(Path(directory), config)
         check_new(run.directory)
-        for name, params in (initial or {}).items():
+        for name, params in initial.items():
             save_params(run.initial_dir / name, params)
         run.save_config()
-        run._write_lineage(lineage)
+        run._write_lineage({"made_from": made_from, "parents": list(parents), **details})
         return run
 
     # -- where things are
@@ -120,14 +128,16 @@ class Run:
         `what` (eval, generate, export) to read; a run without `train.growth` is that already."""
         if not self.config.train.growth:
             return self
+        chosen = step is not None
         if step is None:
             step = max(complete_steps(self.checkpoint_dir), default=0)
-        return Run(self.directory, self.settled_config(step, what))
+        return Run(self.directory, self.settled_config(step, what, chosen))
 
-    def settled_config(self, step: int, what: str) -> Config:
+    def settled_config(self, step: int, what: str, chosen: bool = True) -> Config:
         """The run's config with the model of `step`'s checkpoint, as a plain model (no growth left to
-        do), for reading it: refused for a step inside a growth ramp, whose masks are not all 1."""
-        model = Schedule(self.config).require_settled(step, what)
+        do), for reading it: refused for a step inside a growth ramp, whose masks are not all 1
+        (`chosen`: the step was asked for, else it is the newest)."""
+        model = Schedule(self.config).require_settled(step, what, complete_steps(self.checkpoint_dir), chosen)
         return dataclasses.replace(self.config, model=model,
                                    train=dataclasses.replace(self.config.train, growth=()))
 
@@ -146,7 +156,7 @@ class Run:
     def record_fresh_start(self) -> None:
         """A run that starts from random weights says so, unless it already says where it came from."""
         if self.lineage() is None:
-            self._write_lineage({"made_from": "init", "seed": self.config.train.seed})
+            self._write_lineage({"made_from": "init", "parents": [], "seed": self.config.train.seed})
 
     def _write_lineage(self, lineage: dict[str, Any]) -> None:
         if jax.process_index() != 0:
@@ -188,38 +198,38 @@ class Run:
 
     # -- weights
 
-    def start_params(self, layout: Layout) -> tuple[dict, dict]:
-        """(trained, frozen) parameters of the run's step 0, on their shardings.
+    def start_weights(self, layout: Layout, fresh: bool = True) -> tuple[dict | None, dict]:
+        """(trained, frozen) parameters a session starts from, on their shardings.
 
-        The starting weights in `initial/` where the run has them; fresh ones (seeded by train.seed)
-        for the rest, e.g. the new prefixes and aggregator when P was raised on a P = 1 checkpoint.
+        `fresh`: those of step 0: the starting weights in `initial/` where the run has them, fresh
+        ones (seeded by train.seed) for the rest, e.g. the new prefixes and aggregator when P was
+        raised on a P = 1 checkpoint. Else (None, frozen): the trained ones come from a checkpoint,
+        the frozen backbone of a PEFT run from `initial/` (it is never checkpointed).
         """
-        cfg, seed = self.config.model, self.config.train.seed
-        params = jax.jit(lambda: init_params(cfg, seed), out_shardings=layout.param_shardings(abstract_params(cfg)))()
+        cfg, backbone_dir = self.config.model, self.initial_dir / "backbone"
+        peft = self.config.train.trainable == "parscale"
+        if not fresh:
+            _, backbone = split_params(abstract_params(cfg), cfg)
+            return None, restore_params(backbone_dir, layout.on_mesh(backbone)) if peft else {}
+        params = jax.jit(lambda: init_params(cfg, self.config.train.seed),
+                         out_shardings=layout.param_shardings(abstract_params(cfg)))()
         parscale, backbone = split_params(params, cfg)
-        if (self.initial_dir / "backbone").exists():
-            backbone = restore_params(self.initial_dir / "backbone", layout.on_mesh(backbone))
+        if backbone_dir.exists():
+            backbone = restore_params(backbone_dir, layout.on_mesh(backbone))
             if (self.initial_dir / f"parscale_p{cfg.parscale_n}").exists():
                 parscale = restore_params(self.initial_dir / f"parscale_p{cfg.parscale_n}", layout.on_mesh(parscale))
-        elif self.config.train.trainable == "parscale":
+        elif peft:
             raise ConfigError("train.trainable", "'parscale' trains new streams on a pretrained backbone, and "
                               f"{self.directory} has none: start from `parscale-jax import --hf DIR --out "
                               f"{self.directory}`")
         return partition_trainable(merge_params(backbone, parscale), self.config)
-
-    def frozen_params(self, layout: Layout) -> dict:
-        """The parameters a run does not train, read again on every start: they are never checkpointed."""
-        if self.config.train.trainable != "parscale":
-            return {}
-        _, backbone = split_params(abstract_params(self.config.model), self.config.model)
-        return restore_params(self.initial_dir / "backbone", layout.on_mesh(backbone))
 
     def params(self, layout: Layout, step: int | None = None) -> tuple[dict, int]:
         """(all parameters on `layout`, their step): the newest checkpoint, or `step`'s. A run made
         from existing weights that has no checkpoint yet gives its starting weights, as step 0."""
         steps = complete_steps(self.checkpoint_dir)
         if (step == 0 or (step is None and not steps)) and (self.initial_dir / "backbone").exists():
-            return merge_params(*self.start_params(layout)), 0
+            return merge_params(*self.start_weights(layout)), 0
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.checkpoint_dir}")
         if step is None:
@@ -234,38 +244,99 @@ class Run:
             params = checkpointer.restore_part(step, {"params": layout.on_mesh(trained)})["params"]
         finally:
             checkpointer.close()
-        return merge_params(self.frozen_params(layout), params), step
-
-    def resume(self, layout: Layout, checkpointer: Checkpointer, state_fn: Callable[[ModelConfig], Callable],
-               train_iter, fallback: bool) -> tuple[int, dict, dict]:
-        """(step, train state, frozen parameters) to start from: the newest checkpoint, with `train_iter`
-        moved to its position, or step 0. `state_fn(model)` gives the function that makes a train
-        state of that model from its parameters. With `fallback`, a damaged checkpoint is set aside
-        and the one before it is tried."""
-        step = checkpointer.latest_step()
-        if step is None:
-            trained, frozen = self.start_params(layout)
-            create_state = state_fn(self.config.model)
-            state_shardings = layout.state_shardings(jax.eval_shape(create_state, trained))
-            return 0, jax.jit(create_state, out_shardings=state_shardings)(trained), frozen
-        frozen = self.frozen_params(layout)
-        while True:
-            model = self.model_at(step)
-            abstract_state = jax.eval_shape(state_fn(model), partition_trainable(abstract_params(model),
-                                                                                 self.config)[0])
-            abstract_state = with_shardings(abstract_state, layout.for_model(model).state_shardings(abstract_state))
-            try:
-                return step, checkpointer.restore(step, abstract_state, train_iter), frozen
-            except CheckpointError as err:
-                if not fallback:
-                    raise
-                moved = checkpointer.set_aside(step)
-                print(f"{err}\n  moved to {moved}; trying the previous checkpoint", file=sys.stderr, flush=True)
-                step = checkpointer.latest_step()
-                if step is None:
-                    raise CheckpointError(f"no good checkpoint is left in {checkpointer.directory}; the damaged "
-                                          f"ones are in {moved.parent}") from None
+        return merge_params(self.start_weights(layout, fresh=False)[1], params), step
 
 
 def _param_shapes(cfg) -> dict:
     return jax.tree.map(lambda x: x.shape, abstract_params(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# The starting points of transforms, and what they write
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A model a transform starts from: its run config, its parameters (numpy, on the host) and the
+    lineage entry that names it as a parent."""
+
+    config: Config
+    params: dict
+    parent: dict[str, Any]
+
+
+# What a checkpoint fixes; overrides may change the rest (P, T, ε, dtypes, remat).
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                       "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "qkv_bias", "tie_embeddings")
+
+
+def hf_run_config(directory: Path, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> Config:
+    """The config of a run made from a Hugging Face checkpoint: its shape under `base` (defaults for
+    data and training), its tokenizer, then the overrides, which may not change the architecture."""
+    checkpoint = hf.read_hf_config(directory)
+    values = dict(base or {})
+    values["model"] = {**values.get("model", {}), **dataclasses.asdict(checkpoint)}
+    data = values["data"] = dict(values.get("data", {}))
+    if (directory / "tokenizer.json").is_file():
+        data["tokenizer"] = str((directory / "tokenizer.json").absolute())
+    # Rows no longer than the model's context, unless asked otherwise.
+    data.setdefault("seq_len", min(DataConfig().seq_len, checkpoint.max_position_embeddings))
+    config = load_config(base=values, overrides=list(overrides))
+    for name in ARCHITECTURE_FIELDS:
+        if getattr(config.model, name) != getattr(checkpoint, name):
+            raise ConfigError(f"model.{name}", f"is fixed by the checkpoint ({getattr(checkpoint, name)}); "
+                              "only parscale_*, dtype, param_dtype, remat and init_std can change")
+    return config
+
+
+def read_source(path: str | Path, what: str, key: str = "--from") -> Source:
+    """A run directory at its newest checkpoint (refused inside a growth ramp: `what` says who
+    asks), or a local Hugging Face checkpoint directory; `key` is the option that named it."""
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        run = Run.open(path).settled(None, what)
+        layout = Layout.create(run.config)
+        with jax.set_mesh(layout.mesh):
+            params, step = run.params(layout)
+        parent = {"kind": "run", "path": str(path.absolute()), "step": step, "lineage": run.lineage()}
+        return Source(run.config, jax.tree.map(np.asarray, params), parent)
+    if (path / "config.json").is_file():
+        _, params = hf.read_hf_checkpoint(path)
+        return Source(hf_run_config(path), params, {"kind": "huggingface", "path": str(path.absolute())})
+    raise ConfigError(key, f"{path} is neither a run directory (config.yaml) nor a Hugging Face "
+                      "checkpoint (config.json)")
+
+
+def check_same_shapes(models: Mapping[str, ModelConfig], key: str) -> None:
+    """Every model has the same parameters with the same shapes; else a ConfigError (naming `key`)
+    that names the first difference."""
+    (first, reference), *others = models.items()
+    expected = {"/".join(path): x.shape for path, x in flatten_mapping(abstract_params(reference)).items()}
+    for name, model in others:
+        shapes = {"/".join(path): x.shape for path, x in flatten_mapping(abstract_params(model)).items()}
+        for param in sorted(set(expected) | set(shapes)):
+            if param not in shapes or param not in expected:
+                has, lacks = (first, name) if param in expected else (name, first)
+                raise ConfigError(key, f"{has} has parameter {param}, which {lacks} lacks")
+            if shapes[param] != expected[param]:
+                raise ConfigError(key, f"parameter {param} is {list(expected[param])} in {first} but "
+                                  f"{list(shapes[param])} in {name}")
+
+
+def export_hf(run: Run, out_dir: str | Path, step: int | None = None, dtype: str | None = None,
+              max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> dict[str, Any]:
+    """Write a run's parameters (latest checkpoint, or `step`; its starting weights if it has not
+    trained yet) as a Hugging Face checkpoint."""
+    run = run.settled(step, "export")
+    config = run.config
+    dtype = dtype or config.model.param_dtype
+    if dtype not in hf.EXPORT_DTYPES:
+        raise ConfigError("--dtype", f"must be one of {tuple(hf.EXPORT_DTYPES)}, got '{dtype}'")
+    hf.prepare_output_dir(out_dir, overwrite)  # fail before reading anything
+    layout = Layout.one_device(config.model)  # enough to hold what is written out tensor by tensor
+    with jax.set_mesh(layout.mesh):
+        params, step = run.params(layout, step)
+    out = hf.write_hf_checkpoint(out_dir, params, config.model, config.data.tokenizer, dtype,
+                                 max_shard_bytes, overwrite)
+    return {"out": str(out), "step": step, "streams": config.model.parscale_n, "dtype": dtype,
+            "files": sorted(p.name for p in out.iterdir())}

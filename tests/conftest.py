@@ -14,6 +14,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# How long a test may wait for a subprocess doing several tests' work: a share of CI's 90 minutes, not
+# a guess at how fast this machine is (a machine loaded by other work is slow, not broken).
+SUBPROCESS_TIMEOUT = float(os.environ.get("PARSCALE_TEST_SUBPROCESS_TIMEOUT", 3600))
+
+# The tiny model and training settings the tests start from, each file adding what it needs (later
+# overrides win): two layers, two streams, width 32; a step takes milliseconds on a CPU.
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.parscale_n=2", "model.parscale_n_tokens=4", "data.seq_len=32",
+        "train.batch_size=8", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0"]
+
 _CACHE_DIR = tempfile.mkdtemp(prefix="parscale-jax-xla-cache-")
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from conftest import TINY as BASE
 
 MESHES = {  # name: (data, stream, model)
     "8x1x1": (8, 1, 1),
@@ -36,10 +37,8 @@ CHECKED_PARAMS = {
 }
 
 
-TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
-        "model.num_kv_heads=4", "model.parscale_n=4", "model.parscale_n_tokens=4",
-        "data.seq_len=32", "train.batch_size=8", "train.steps=4", "train.warmup_steps=1", "train.lr=1e-2",
-        "train.log_every=1", "train.eval_every=0", "checkpoint.every=2", "checkpoint.async_save=false"]
+TINY = [*BASE, "model.hidden_size=64", "model.intermediate_size=128", "model.num_kv_heads=4", "model.parscale_n=4",
+        "train.steps=4", "train.warmup_steps=1", "train.lr=1e-2", "checkpoint.every=2", "checkpoint.async_save=false"]
 
 
 # The tiny config growing everything at once at step 2 (each size divisible by the meshes' axes).
@@ -68,7 +67,7 @@ def first_gradients(config) -> dict[str, np.ndarray]:
     from parscale_jax.data import pipeline
     from parscale_jax.layout import Layout
     from parscale_jax.model import abstract_params, init_params, model_graphdef
-    from parscale_jax.training.loop import loss_sums
+    from parscale_jax.training.step import loss_sums
 
     layout = Layout.create(config)
     graphdef = model_graphdef(config.model)
@@ -122,10 +121,10 @@ def generation(config) -> dict[str, np.ndarray]:
 
 def main(out_dir: Path) -> None:
     from parscale_jax.checkpoint import Checkpointer
-    from parscale_jax.layout import Layout, with_shardings
-    from parscale_jax.model import abstract_params
+    from parscale_jax.layout import Layout
     from parscale_jax.runs import Run
-    from parscale_jax.training.loop import create_state_fn, train
+    from parscale_jax.training.loop import train
+    from parscale_jax.training.step import Trainer
 
     results = {}
     for name, shape in MESHES.items():
@@ -134,11 +133,8 @@ def main(out_dir: Path) -> None:
             config = tiny_config(*mesh_overrides(shape, fsdp))
             run_dir = out_dir / key
             train(config, run_dir, progress=False)
-            _, _, create_state = create_state_fn(config)
-            abstract = jax.eval_shape(create_state, abstract_params(config.model))
-            layout = Layout.create(config)
-            state = Checkpointer(Run(run_dir, config).checkpoint_dir).restore(
-                4, with_shardings(abstract, layout.state_shardings(abstract)))
+            abstract = Trainer.of(config).abstract_state(Layout.create(config))
+            state = Checkpointer(Run(run_dir, config).checkpoint_dir).restore(4, abstract)
             results[key] = {"losses": logged(run_dir, "loss"), "grad_norms": logged(run_dir, "grad_norm"),
                             "specs": checked_specs(state)}
             np.savez(out_dir / f"{key}.npz", **first_gradients(config))

@@ -11,13 +11,14 @@ import pytest
 from flax import nnx
 
 from parscale_jax.config import load_config
+from parscale_jax.errors import ConfigError
 from parscale_jax.layout import Layout
 from parscale_jax.model import ATTENTION_KERNELS, init_params, model_graphdef
 from parscale_jax.model.attention import blockwise_attention
-from parscale_jax.training.loop import create_state_fn, jit_train_step
+from parscale_jax.training.step import Trainer
+from conftest import TINY as BASE
 
-TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=48", "model.num_layers=2",
-        "model.num_heads=4", "model.num_kv_heads=2", "model.parscale_n_tokens=3", "model.init_std=0.2"]
+TINY = [*BASE, "model.vocab_size=64", "model.intermediate_size=48", "model.parscale_n_tokens=3", "model.init_std=0.2"]
 
 
 def inputs(S: int = 40):
@@ -66,12 +67,12 @@ def step_temporary_bytes(attention: str, seq_len: int) -> int:
                                     "model.max_position_embeddings=8192", f"data.seq_len={seq_len}",
                                     "train.batch_size=1"])
     layout = Layout.create(config, jax.devices()[:1])
-    graphdef, optimizer, create_state = create_state_fn(config)
-    state = jax.eval_shape(lambda: create_state(init_params(config.model, 0)))
+    trainer = Trainer.of(config)
+    state = trainer.abstract_state(layout)
     batch = {key: jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
              for key in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
     with jax.set_mesh(layout.mesh):
-        step = jit_train_step(graphdef, optimizer, config.train, layout, layout.state_shardings(state), {})
+        step = trainer.train_step(layout, layout.state_shardings(state), {})
         compiled = step.lower(state, {}, batch, jax.ShapeDtypeStruct((), jnp.bool_)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -102,3 +103,15 @@ def test_cached_generation_is_the_same_with_every_kernel(kernel, monkeypatch):
             outputs[name] = generator.run(init_params(config.model, 3), prompts, keep_logits=True)
     assert outputs[kernel][0] == outputs["einsum"][0]
     np.testing.assert_allclose(outputs[kernel][1], outputs["einsum"][1], atol=1e-5, rtol=0)
+
+
+def test_splash_refuses_another_jax_in_one_line(monkeypatch):
+    """The splash kernels call private functions of the pinned jax: another release is refused at
+    config time, with what to choose instead."""
+    from parscale_jax.model import splash
+
+    assert load_config(overrides=["model.attention=splash"]).model.attention == "splash"
+    monkeypatch.setattr(splash.jax, "__version__", "0.11.0")
+    with pytest.raises(ConfigError, match=r"model.attention: 'splash' calls private functions of jax 0\.10\.2's "
+                                          r"splash attention, and this is jax 0\.11\.0: choose blockwise"):
+        load_config(overrides=["model.attention=splash"])

@@ -11,9 +11,9 @@ from parscale_jax.analysis import bench
 from parscale_jax.cli import main
 from parscale_jax.config import load_config
 from parscale_jax.model.counting import non_embedding_params
+from conftest import TINY as BASE
 
-TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
-        "model.num_kv_heads=2", "model.parscale_n_tokens=4", "data.seq_len=32", "train.batch_size=2"]
+TINY = [*BASE, "train.batch_size=2"]
 
 
 @pytest.mark.parametrize("P", [2, 4, 8])

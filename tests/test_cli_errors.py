@@ -10,6 +10,7 @@ import pytest
 from parscale_jax.cli import main
 from parscale_jax.errors import ConfigError
 from parscale_jax.errors import DataError
+from conftest import SUBPROCESS_TIMEOUT
 
 PREFIX = "parscale-jax train: error: "
 
@@ -47,11 +48,17 @@ CASES = {
     "two filled mesh axes": (["mesh.model=-1"], ["mesh.model", "only one axis may be -1"]),
     "streams not divisible": (["model.parscale_n=4", "mesh.stream=3"],
                               ["mesh.stream", "3 devices do not divide the 4 streams"]),
-    "heads not divisible": (["mesh.model=3", "mesh.data=1"],
-                            ["mesh.model", "model.num_heads=4 is not divisible by mesh.model=3"]),
+    # What must divide a mesh axis comes from the rules and the declared axes: the first dimension
+    # that does not split is named.
+    "vocabulary not divisible": (["mesh.model=3", "mesh.data=1"],
+                                 ["mesh.model", "3 devices do not divide the 320 logits of a token (model.vocab_size)"]),
+    "heads not divisible": (["mesh.model=3", "mesh.data=1", "model.vocab_size=384", "model.intermediate_size=384"],
+                            ["mesh.model", "3 devices do not divide dimension 'heads' (128) of parameter "
+                             "layers/self_attn/"]),
     "batch not divisible": (["mesh.data=3"], ["mesh.data", "micro-batch of 16 rows", "3 devices"]),
     "fsdp hidden not divisible": (["mesh.data=16", "mesh.fsdp=true", "model.hidden_size=120"],
-                                  ["mesh.fsdp", "hidden_size=120 is not divisible by mesh.data=16"]),
+                                  ["mesh.data", "16 devices do not divide dimension 'embed' (120) of parameter "
+                                   "embed_tokens/embedding"]),
 }
 
 
@@ -161,7 +168,7 @@ def test_command_line_error_in_a_subprocess_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "parscale_jax.cli", "train", "--run-dir", str(tmp_path / "run"),
          "model.parscale_n=0"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        capture_output=True, text=True, cwd=tmp_path, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert_one_error_line(lines, PREFIX, "model.parscale_n", "P must be >= 1, got 0")

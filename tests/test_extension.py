@@ -5,26 +5,34 @@ decay and counts follow; their auxiliary losses reach the objective and their st
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 
 from parscale_jax import sharding
+from parscale_jax.sharding import mesh_axes
 from parscale_jax.config import load_config
 from parscale_jax.errors import ConfigError
-from parscale_jax.model.counting import non_embedding_params
+from parscale_jax.interop import hf
+from parscale_jax.model.counting import non_embedding_params, train_flops_per_token
 from parscale_jax.layout import Layout
 from parscale_jax.model import ATTENTION_KERNELS, FFN_TYPES, Aux, init_params, model_graphdef, param_info
 from parscale_jax.model.ffn import SwiGLU
 from parscale_jax.model.params import ParamInfo, declare
-from parscale_jax.training.loop import loss_sums, train, weight_decay_mask
+from parscale_jax.training.loop import train
+from parscale_jax.training.step import loss_sums, weight_decay_mask
+from conftest import SUBPROCESS_TIMEOUT
+from conftest import TINY as BASE
 
-TINY = ["model.vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=3",
-        "model.num_heads=4", "model.num_kv_heads=2", "model.parscale_n=2", "model.parscale_n_tokens=4",
-        "data.seq_len=32", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
-        "train.eval_every=0", "checkpoint.every=10"]
+TINY = [*BASE, "model.vocab_size=320", "model.num_layers=3", "train.batch_size=4", "train.warmup_steps=1",
+        "checkpoint.every=10"]
 PENALTY = 0.01
 
 
@@ -106,7 +114,7 @@ def test_a_new_feed_forward_declares_its_parameters(registered):
 
 
 def test_auxiliary_losses_join_the_objective_and_are_logged(registered, tmp_path, monkeypatch):
-    monkeypatch.setitem(sharding.RULES, "experts", None)  # a new logical axis is one rule
+    monkeypatch.setitem(sharding.RULES, "experts", ())  # a new logical axis is one rule
     config = load_config(overrides=[*TINY, "model.ffn=penalized", "train.steps=2"])
     params = init_params(config.model, 0)
     rng = np.random.default_rng(0)
@@ -128,3 +136,109 @@ def test_auxiliary_losses_join_the_objective_and_are_logged(registered, tmp_path
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(m["aux/weight_penalty"] > 0 and m["stat/output_rms"] > 0 for m in logged)
     assert all(0 < m["stat/stream_weight_entropy"] <= np.log(2) + 1e-6 for m in logged)
+
+
+# ---------------------------------------------------------------------------------------------
+# A new model family as a plug-in: everything specific to it is declared in this file.
+
+
+class ToyExperts(nnx.Module):
+    """A feed-forward type of E = 2 experts that every token uses (their outputs averaged): its own
+    FLOPs, its own Hugging Face names with a per-expert index, and a new logical axis, `experts`,
+    which a new sharding rule splits over a new mesh axis, `expert`."""
+
+    EXPERTS = 2
+    HF_NAMES = {"up": ("experts.{e}.up_proj.weight", "transpose"),
+                "down": ("experts.{e}.down_proj.weight", "transpose")}
+    OUTPUT_PROJECTIONS = ("down",)
+
+    @staticmethod
+    def flops_per_token(cfg) -> int:
+        return 2 * 2 * cfg.hidden_size * cfg.intermediate_size * ToyExperts.EXPERTS
+
+    def __init__(self, cfg, rngs):
+        E, D, F = self.EXPERTS, cfg.hidden_size, cfg.intermediate_size
+        init = nnx.initializers.normal(cfg.init_std)
+        self.up = nnx.Param(init(rngs.params(), (E, D, F)), **declare(("experts", "embed", "mlp"), "matrix"))
+        self.down = nnx.Param(init(rngs.params(), (E, F, D)), **declare(("experts", "mlp", "embed"), "matrix"))
+
+    def __call__(self, x_PBSD, live_F=None):
+        h_PBSEF = nnx.silu(jnp.einsum("pbsd,edf->pbsef", x_PBSD, self.up[...]))
+        return jnp.einsum("pbsef,efd->pbsd", h_PBSEF, self.down[...]) / self.EXPERTS, Aux.none()
+
+
+def register_toy_experts() -> None:
+    """What a plug-in module does when imported: one registry entry and one sharding rule."""
+    FFN_TYPES["toy_experts"] = ToyExperts
+    sharding.RULES["experts"] = ("expert",)
+
+
+@pytest.fixture
+def toy_experts(monkeypatch):
+    monkeypatch.setitem(FFN_TYPES, "toy_experts", ToyExperts)
+    monkeypatch.setitem(sharding.RULES, "experts", ("expert",))
+    param_info.cache_clear()
+    yield
+    param_info.cache_clear()
+
+
+def test_a_plugged_in_family_is_counted_sharded_and_named_from_its_declarations(toy_experts, tmp_path):
+    config = load_config(overrides=[*TINY, "model.ffn=toy_experts", "mesh.expert=1"])
+    cfg, plain = config.model, load_config(overrides=TINY).model
+    L, D, F, E = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, ToyExperts.EXPERTS
+    # Counting: its parameters and its FLOPs, in place of SwiGLU's.
+    assert non_embedding_params(cfg) == non_embedding_params(plain) - L * 3 * D * F + L * 2 * E * D * F
+    per_token = 3 * cfg.parscale_n * L * (ToyExperts.flops_per_token(cfg) - 2 * 3 * D * F)
+    assert train_flops_per_token(cfg, 32) - train_flops_per_token(plain, 32) == pytest.approx(per_token)
+    # Sharding: the new rule makes a new mesh axis, which the config sizes and checks like the others.
+    assert mesh_axes() == ("data", "stream", "model", "expert")
+    layout = Layout.create(config)
+    assert layout.mesh.shape["expert"] == 1
+    up = layout.param_sharding(("layers", "mlp", "up"), 4).spec
+    assert tuple(up) == (None, "expert", None, "model")
+    with pytest.raises(ConfigError, match=r"mesh.expert: 3 devices do not divide dimension 'experts' \(2\) of "
+                                          r"parameter layers/mlp/"):
+        load_config(overrides=[*TINY, "model.ffn=toy_experts", "mesh.expert=3", "mesh.data=1"])
+    # Hugging Face names: one tensor per layer and expert, back into the same parameters.
+    params = jax.jit(lambda: init_params(cfg, 0))()
+    names = [t.name for t in hf.hf_tensors(cfg)]
+    assert [n for n in names if n.startswith("model.layers.1.mlp.")] == [
+        "model.layers.1.mlp.experts.0.up_proj.weight", "model.layers.1.mlp.experts.1.up_proj.weight",
+        "model.layers.1.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.experts.1.down_proj.weight"]
+    out = hf.write_hf_checkpoint(tmp_path / "hf", params, cfg, "byte")
+    tensors = load_file(out / "model.safetensors")
+    np.testing.assert_array_equal(tensors["model.layers.2.mlp.experts.1.up_proj.weight"],
+                                  np.asarray(params["layers"]["mlp"]["up"][2, 1]).T)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), hf.params_from_hf(tensors, cfg))
+
+
+PLAN_WITH_TOY = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_extension
+test_extension.register_toy_experts()
+from parscale_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_plan_compiles_a_plugged_in_family_on_its_own_mesh_axis(tmp_path):
+    """`plan` for 8 GPUs with the experts split two ways: the plug-in's module, imported first, is
+    all it takes (here a subprocess, since a plan chooses how many devices JAX starts with)."""
+    reports = {}
+    for experts in (1, 2):
+        out = tmp_path / f"plan{experts}.json"
+        code = PLAN_WITH_TOY.format(tests=str(Path(__file__).parent))
+        result = subprocess.run([sys.executable, "-c", code, "plan", "--gpus", "8", "--out", str(out), *TINY,
+                                 "model.num_layers=1", "data.seq_len=16", "model.ffn=toy_experts", "mesh.data=-1",
+                                 "mesh.model=2", f"mesh.expert={experts}"],
+                                capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert result.returncode == 0, result.stdout + result.stderr
+        reports[experts] = json.loads(out.read_text())
+    assert reports[2]["mesh"] == {"data": 2, "stream": 1, "model": 2, "expert": 2}
+    assert reports[1]["parameters"] == reports[2]["parameters"]
+    # Split over the expert axis, each device holds half of the experts' weights (and their moments).
+    L, D, F = 1, 32, 64
+    expert_bytes = 4 * L * 2 * 2 * D * F // 2  # float32, both projections, over mesh.model
+    assert reports[1]["params_bytes"] - reports[2]["params_bytes"] == expert_bytes // 2
+    assert reports[1]["opt_state_bytes"] - reports[2]["opt_state_bytes"] == expert_bytes

@@ -22,8 +22,10 @@ from parscale_jax.layout import Layout
 from parscale_jax.model import init_params, model_graphdef
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.runs import Run
-from parscale_jax.training.loop import create_state_fn, train
-from parscale_jax.transforms.grow import grow_params, grow_state
+from parscale_jax.training.loop import train
+from parscale_jax.training.step import Trainer
+from parscale_jax.transforms.grow import grow_state, grow_tree
+from conftest import TINY as BASE
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -63,7 +65,7 @@ def test_growth_keeps_the_logits_whatever_the_new_weights(P, operator):
     ids = np.random.default_rng(0).integers(0, 320, (2, 12))
     before = logits(small, params, ids)
     ramp = Ramp(start=10, steps=4, old=small, new=big)
-    grown = [grow_params(params, small, big, seed) for seed in (1, 2)]
+    grown = [grow_tree(params, init_params(big, seed), small, big) for seed in (1, 2)]
     for new in grown:
         np.testing.assert_allclose(logits(big, new, ids, ramp.masks(10)), before, atol=1e-6, rtol=0)
         # Halfway up the ramp the new parts take part, and differently for each seed.
@@ -87,7 +89,7 @@ def test_streams_from_one_are_measured_not_exact():
     params = init_params(small, 0)
     ids = np.random.default_rng(0).integers(0, 320, (2, 12))
     masks = Ramp(0, 4, small, big).masks(0)
-    difference = np.abs(logits(big, grow_params(params, small, big, 1), ids, masks) - logits(small, params, ids))
+    difference = np.abs(logits(big, grow_tree(params, init_params(big, 1), small, big), ids, masks) - logits(small, params, ids))
     assert 0 < difference.max() < 1.0
 
 
@@ -95,8 +97,8 @@ def test_adam_moments_move_into_the_leading_block():
     config = load_config(packaged_config_path("default"), ["model.parscale_n=2", "model.parscale_n_tokens=4"])
     small = config.model
     big = dataclasses.replace(small, hidden_size=192, intermediate_size=400, num_layers=5, parscale_n=3)
-    _, _, create_small = create_state_fn(config, small)
-    _, _, create_big = create_state_fn(config, big)
+    create_small = Trainer.of(config, small).create_state
+    create_big = Trainer.of(config, big).create_state
     state = create_small(init_params(small, 0))
     keys = iter(jax.random.split(jax.random.key(1), 10_000))
     state["opt_state"] = jax.tree.map(
@@ -124,10 +126,8 @@ def test_adam_moments_move_into_the_leading_block():
 
 
 # A P = 2 run that grows width and MLP at step 3, then depth, heads and streams at step 7.
-RUN = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
-       "model.num_kv_heads=2", "model.parscale_n=2", "model.parscale_n_tokens=4", "model.max_position_embeddings=64",
-       "data.seq_len=32", "train.batch_size=4", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
-       "checkpoint.every=2", "checkpoint.async_save=false"]
+RUN = [*BASE, "model.hidden_size=64", "model.intermediate_size=128", "model.max_position_embeddings=64",
+       "train.batch_size=4", "checkpoint.every=2", "checkpoint.async_save=false"]
 STAGES = [{"step": 3, "hidden_size": 96, "intermediate_size": 192, "ramp_steps": 3},
           {"step": 7, "num_layers": 3, "num_heads": 8, "num_kv_heads": 4, "parscale_n": 3, "ramp_steps": 3}]
 
@@ -170,9 +170,15 @@ def test_a_growing_run_has_no_loss_jump_at_either_stage(grown_run, tmp_path):
     assert params["layers"]["self_attn"]["prefix_k"].shape == (3, 3, 4, 4, 16)  # [L, P, K, T, H]
 
 
-def test_a_run_killed_mid_ramp_resumes_bitwise(grown_run, tmp_path):
+def test_a_run_killed_mid_ramp_resumes_bitwise(grown_run, tmp_path, capsys):
     config = growth_config(12, STAGES)
     train(config, tmp_path / "run", progress=False, stop_at=8)  # inside the second ramp (7 .. 10)
+    capsys.readouterr()
+    # Its newest checkpoint cannot be read as a plain model: the refusal says so without a --step.
+    assert main(["eval", "--run-dir", str(tmp_path / "run")]) == 2
+    assert ("error: --run-dir: the newest checkpoint, step 8, lies inside a growth ramp (train.growth, masks below "
+            "1 until step 10), which eval cannot take: pass --step 6 (the newest checkpoint outside a ramp) or "
+            "train on to step 10 or later") in capsys.readouterr().err
     train(config, tmp_path / "run", progress=False)
     resumed, _ = checkpoint_params(tmp_path / "run", 12)
     whole, _ = checkpoint_params(grown_run, 12)
@@ -183,7 +189,7 @@ def test_a_run_killed_mid_ramp_resumes_bitwise(grown_run, tmp_path):
 
 def test_a_grown_run_exports_once_its_masks_are_one(grown_run, tmp_path, capsys):
     assert main(["export", "--run-dir", str(grown_run), "--step", "8", "--out", str(tmp_path / "mid")]) == 2
-    assert "step 8 lies inside a growth ramp" in capsys.readouterr().err
+    assert "error: --step: step 8 lies inside a growth ramp" in capsys.readouterr().err
     assert main(["eval", "--run-dir", str(grown_run), "--step", "8"]) == 2
     assert main(["export", "--run-dir", str(grown_run), "--out", str(tmp_path / "hf")]) == 0
     params, model = checkpoint_params(grown_run, 12)
@@ -216,6 +222,11 @@ def test_the_schedule_is_a_function_of_the_step():
     ([{"step": 3, "num_layers": 3, "ramp_steps": 0}], "train.growth[0].ramp_steps: must be >= 1"),
     ([{"step": 3, "numlayers": 3}], "train.growth[0].numlayers: unknown key (did you mean 'num_layers'?)"),
     ([{"step": 3, "intermediate_size": 129}], "train.growth[0]: the grown model: mesh.model"),
+    # The default ramp (100 steps) past the end of a short run: it would end mid-ramp, unreadable.
+    ([{"step": 10, "num_layers": 3}], "train.growth[0].ramp_steps: the ramp of 100 steps (100 unless set) would "
+                                      "end at step 110, after train.steps=12"),
+    ([{"step": 6, "num_layers": 3, "ramp_steps": 2}, {"step": 3, "hidden_size": 96, "ramp_steps": 2}],
+     "train.growth[1].step: the stages must be in the order of their steps: 3 comes after 6"),
 ])
 def test_bad_growth_schedules_are_one_line_errors(stages, fragment):
     overrides = [*RUN, "train.steps=12", f"train.growth={json.dumps(stages)}"]

@@ -22,13 +22,13 @@ from parscale_jax.cli import main
 from parscale_jax.config import load_config
 from parscale_jax.errors import ConfigError
 from parscale_jax.model import init_params, model_graphdef, split_params
+from conftest import TINY as BASE
 
 REFERENCE = Path(__file__).parent / "data" / "official_reference"
 SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
-OUR_TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
-            "model.num_kv_heads=2", "model.parscale_n_tokens=4", "model.init_std=0.1",
-            "model.max_position_embeddings=128", "data.seq_len=32", "train.batch_size=4"]
+OUR_TINY = [*BASE, "model.hidden_size=64", "model.intermediate_size=128", "model.parscale_n=1", "model.init_std=0.1",
+            "model.max_position_embeddings=128", "train.batch_size=4"]
 TEXT = "Now is the winter of our discontent — ça va? 🙂"
 
 
@@ -298,7 +298,8 @@ def test_an_imported_run_is_usable_before_it_trains(tmp_path, qwen_dir, ids, cap
     run_dir, out = tmp_path / "run", tmp_path / "hf"
     assert run("import", "--hf", str(qwen_dir), "--out", str(run_dir), f"model.parscale_n={P}", *PEFT_TRAIN) == 0
     lineage = json.loads((run_dir / "lineage.json").read_text())
-    assert lineage["made_from"] == "huggingface" and lineage["path"] == str(qwen_dir.absolute())
+    assert lineage["made_from"] == "import" and lineage["parents"] == [{"kind": "huggingface",
+                                                                       "path": str(qwen_dir.absolute())}]
     assert lineage["new_streams"] == (P > 1)
     capsys.readouterr()
     assert run("eval", "--run-dir", str(run_dir), "--batches", "1") == 0
@@ -353,7 +354,7 @@ def test_official_checkpoints_import_into_a_run(tmp_path):
     assert (tmp_path / "run" / "initial" / "parscale_p2").exists()
 
 
-def test_a_users_tokenizer_is_shipped_as_is(tmp_path):
+def test_a_users_tokenizer_is_shipped_as_is_padding_on_the_left(tmp_path):
     source = tmp_path / "mine" / "tokenizer.json"
     source.parent.mkdir()
     source.write_text(hf.byte_tokenizer_json())
@@ -366,6 +367,14 @@ def test_a_users_tokenizer_is_shipped_as_is(tmp_path):
     assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct((out / "config.json").stat().st_mode & 0o777)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.decode(tokenizer(TEXT)["input_ids"]) == TEXT
+    # A decoder-only model generates a batch from left-padded prompts; the shipped tokenizer pads so,
+    # whether it is ours or the user's (whose own tokenizer_config.json comes along).
+    assert tokenizer.padding_side == "left"
+    (source.parent / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    out = hf.write_hf_checkpoint(tmp_path / "hf2", params, config.model, config.data.tokenizer)
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 77, "padding_side": "left"}
+    byte = hf.write_hf_checkpoint(tmp_path / "hf3", params, config.model, "byte")
+    assert transformers.AutoTokenizer.from_pretrained(byte).padding_side == "left"
 
 
 @pytest.mark.parametrize("damage,fragment", [

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from parscale_jax.config import ModelConfig, load_config, packaged_config_path, validate_model
-from parscale_jax.model.counting import non_embedding_params, parscale_extra_params
+from parscale_jax.model.counting import non_embedding_params
 from parscale_jax.interop.hf import read_hf_checkpoint
 from parscale_jax.model import (
     ParScaleLM,
@@ -19,6 +19,7 @@ from parscale_jax.model import (
     apply_rope,
     attention_mask,
     model_graphdef,
+    param_info,
     prefix_slots,
     rope_tables,
     scan_layers,
@@ -27,6 +28,11 @@ from parscale_jax.model import (
 # Outputs of the official implementation and the paper's loss table, copied from shared/data.
 SHARED = Path(__file__).resolve().parent / "data"
 REFERENCE = SHARED / "official_reference"
+
+
+def extra_params(cfg) -> int:
+    """The ParScale parameters, from the declarations: the prefixes and the aggregator."""
+    return sum(info.size for info in jax.tree.leaves(param_info(cfg)) if info.parscale)
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -167,7 +173,7 @@ def test_extra_parameter_count_follows_the_formula(P):
 
     extra = count_leaves(abstract(cfgP)) - count_leaves(abstract(cfg1))
     L, K, T, H, D = cfgP.num_layers, cfgP.num_kv_heads, cfgP.parscale_n_tokens, cfgP.head_dim, cfgP.hidden_size
-    assert extra == L * 2 * P * K * T * H + P * D * D + D + D * P + P == parscale_extra_params(cfgP)
+    assert extra == L * 2 * P * K * T * H + P * D * D + D + D * P + P == extra_params(cfgP)
 
 
 def test_parameter_counts_match_the_paper():
@@ -175,8 +181,8 @@ def test_parameter_counts_match_the_paper():
         cfg = load_config(packaged_config_path(f"paper_{size.lower()}"), [f"model.parscale_n={P}"]).model
         return cfg
 
-    assert parscale_extra_params(shape("0.5B", 2)) == 2_382_466
-    assert [parscale_extra_params(shape("1.6B", P)) for P in (2, 4, 8)] == [6_050_306, 12_099_076, 24_196_616]
+    assert extra_params(shape("0.5B", 2)) == 2_382_466
+    assert [extra_params(shape("1.6B", P)) for P in (2, 4, 8)] == [6_050_306, 12_099_076, 24_196_616]
     with open(SHARED / "paper_losses.csv") as f:
         for row in csv.DictReader(f):
             assert non_embedding_params(shape(row["size"], int(row["P"]))) == int(row["non_embedding_params"])

@@ -7,22 +7,27 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 
 from parscale_jax.errors import ConfigError
+from conftest import SUBPROCESS_TIMEOUT, TINY as BASE
 
-TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
-        "model.num_kv_heads=4", "model.parscale_n=2", "model.parscale_n_tokens=4", "data.seq_len=64",
+TINY = [*BASE, "model.hidden_size=64", "model.intermediate_size=128", "model.num_kv_heads=4", "data.seq_len=64",
         "train.batch_size=16"]
 
 
 def plan(tmp_path, *args: str) -> tuple[int, str, str, dict | None]:
+    import jax
+
     out = tmp_path / "plan.json"
+    # The tests' compilation cache: a program compiled again (a suggestion, then its plan) loads at once.
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
     result = subprocess.run([sys.executable, "-m", "parscale_jax.cli", "plan", "--out", str(out), *args],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
     report = json.loads(out.read_text()) if out.exists() else None
     return result.returncode, result.stdout, result.stderr, report
 
@@ -41,6 +46,8 @@ def test_gpu_plan_reports_exact_parameter_and_optimizer_bytes(tmp_path):
     n_params = parameter_count(*TINY)
     code, stdout, _, replicated = plan(tmp_path, "--gpus", "8", *TINY, "mesh.data=8")
     assert code == 0 and "FITS" in stdout and "an estimate" in stdout
+    assert "\nFITS (estimated: activations from the CPU compiler; compiled in " in stdout  # the verdict too
+    assert "suggestion" not in replicated and "fits with" not in stdout
     assert replicated["parameters"] == n_params
     assert replicated["params_bytes"] == 4 * n_params  # float32, a full copy on every device
     assert 8 * n_params <= replicated["opt_state_bytes"] <= 8 * n_params + 64  # Adam's two moments
@@ -56,8 +63,40 @@ def test_gpu_plan_reports_exact_parameter_and_optimizer_bytes(tmp_path):
 
 
 def test_plan_exit_status_says_whether_it_fits(tmp_path):
-    code, stdout, _, report = plan(tmp_path, "--gpus", "2", "--gpu-memory", "0.001", *TINY)
+    """When not even the parameters and optimizer state fit, the plan says in one line that nothing
+    does, without compiling any candidate (every one's estimate is over)."""
+    code, stdout, _, report = plan(tmp_path, "--gpus", "2", "--gpu-memory", "0.0001", *TINY)
     assert code == 1 and "DOES NOT FIT" in stdout and report["fits"] is False
+    assert "\nDOES NOT FIT (estimated: activations from the CPU compiler; compiled in " in stdout
+    suggestion = report["suggestion"]
+    assert suggestion["fits"] is False and suggestion["overrides"] == [] and suggestion["untried"] == 0
+    assert suggestion["tried"][0]["overrides"] == ["mesh.fsdp=true"]
+    assert all("total_bytes" not in attempt for attempt in suggestion["tried"])
+    lines = [line for line in stdout.splitlines() if line.startswith("nothing fits")]
+    assert lines == [f"nothing fits, not even with {' '.join(suggestion['tried'][-1]['overrides'])} "
+                     f"(estimated: {suggestion['tried'][-1]['estimated_bytes'] / 1024**3:.2f} GiB per device of 0.00)"]
+
+
+# Wide weights, few tokens: the memory is the weights, their gradients and Adam's moments.
+WIDE = [*TINY, "model.hidden_size=256", "model.intermediate_size=1024", "model.num_layers=1", "data.seq_len=16",
+        "train.batch_size=2"]
+
+
+def test_plan_suggests_overrides_that_fit(tmp_path):
+    """Replicated on two data devices the step overflows the memory; FSDP halves nearly all of it. The
+    plan names the overrides, and the step fits with them."""
+    code, _, _, replicated = plan(tmp_path, "--gpus", "2", *WIDE)
+    assert code == 0 and replicated["mesh"]["data"] == 2 and not replicated["fsdp"]
+    memory = str(0.75 * replicated["total_bytes"] / 1024**3)  # between the FSDP size (about half) and this
+    code, stdout, _, report = plan(tmp_path, "--gpus", "2", "--gpu-memory", memory, *WIDE)
+    suggestion = report["suggestion"]
+    assert code == 1 and suggestion["fits"] and suggestion["overrides"] == ["mesh.fsdp=true"], stdout
+    assert (f"fits with: mesh.fsdp=true (compiled: {suggestion['total_bytes'] / 1024**3:.2f} GiB per device of "
+            f"{float(memory):.2f}; estimated: activations from the CPU compiler)") in stdout.splitlines()
+
+    code, stdout, _, fixed = plan(tmp_path, "--gpus", "2", "--gpu-memory", memory, *WIDE, *suggestion["overrides"])
+    assert code == 0 and fixed["fsdp"] and "suggestion" not in fixed, stdout
+    assert fixed["total_bytes"] == suggestion["total_bytes"]
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -79,7 +118,7 @@ def test_tpu_plan_is_compiled_by_the_tpu_compiler(tmp_path):
     assert code == 0, stdout
     assert report["exact"] and report["devices"] == 8 and report["mesh"] == {"data": 1, "stream": 2, "model": 4}
     assert report["memory_per_device_bytes"] == 15.75 * 1024**3
-    assert "the target's compiler" in stdout
+    assert "the target's compiler" in stdout and "\nFITS (compiled in " in stdout  # exact: no caveat
 
 
 def test_splash_attention_compiles_for_a_tpu_mesh(tmp_path):
@@ -92,10 +131,15 @@ def test_splash_attention_compiles_for_a_tpu_mesh(tmp_path):
 
 
 def test_tpu_plan_refuses_what_does_not_fit(tmp_path):
-    code, stdout, stderr, report = plan(tmp_path, "--config", "paper_1.6b", "--topology", "v5p-8", "model.parscale_n=8")
+    """Every device holds all 1.8 B parameters and their Adam moments (streams split only the prefixes):
+    more than a v5e's HBM, which no remat or micro-batch changes (and no suggestion compiles)."""
+    code, stdout, stderr, report = plan(tmp_path, "--config", "paper_1.6b", "--topology", "v5e-4",
+                                        "model.parscale_n=8", "mesh.stream=4")
     assert code == 1 and report is not None, stdout + stderr
     assert report["fits"] is False
-    assert "Ran out of memory" in report["compiler"] and "DOES NOT FIT" in stdout
+    assert "Ran out of memory" in report["compiler"] and "\nDOES NOT FIT (compiled in " in stdout
+    assert report["params_bytes"] + report["opt_state_bytes"] > report["memory_per_device_bytes"]
+    assert not report["suggestion"]["fits"] and "\nnothing fits, not even with model.remat=full " in stdout
 
 
 def test_multi_slice_mesh_runs_data_across_slices():
@@ -103,13 +147,13 @@ def test_multi_slice_mesh_runs_data_across_slices():
 
     from parscale_jax.analysis import plan as planning
     from parscale_jax.config import load_config
-    from parscale_jax.layout import make_mesh
+    from parscale_jax.layout import Layout
 
     devices = list(planning.tpu_target("v5e-8", slices=2).devices)
     config = load_config(overrides=[*TINY, "mesh.stream=2", "mesh.model=2", "mesh.dcn_data=2"])
-    mesh = make_mesh(config, devices)
+    mesh = Layout.create(config, devices).mesh
     assert dict(mesh.shape) == {"data": 4, "stream": 2, "model": 2}
     slice_of = np.vectorize(lambda device: device.slice_index)(mesh.devices)
     assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()  # only `data` crosses the DCN
     with pytest.raises(ConfigError, match="mesh.dcn_data: is 1 but the devices form 2 slice"):
-        make_mesh(load_config(overrides=[*TINY, "mesh.stream=2"]), devices)
+        Layout.create(load_config(overrides=[*TINY, "mesh.stream=2"]), devices)

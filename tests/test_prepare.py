@@ -28,6 +28,7 @@ from parscale_jax.config import load_config
 from parscale_jax.errors import ConfigError
 from parscale_jax.errors import DataError
 from parscale_jax.training.loop import train
+from conftest import SUBPROCESS_TIMEOUT, TINY as BASE
 
 WORDS = ["river", "stone", "lantern", "meadow", "copper", "whistle", "harbor", "ember", "thistle", "orbit"]
 
@@ -138,15 +139,13 @@ def test_prepare_command_with_a_tokenizer_file(sources, tmp_path, capsys):
     assert source.document(source.train[0]).tolist() == tokenizer.encode(docs["b.jsonl"][first]).ids + [1]
     # Training with another tokenizer than the one it was prepared with is refused.
     with pytest.raises(DataError, match="prepared with tokenizer 'tokenizer.json', which differs"):
-        prepared.open_sources(load_config(overrides=[f"data.sources={tmp_path / 'bpe'}"]).data)
+        prepared.open_sources(load_config(overrides=[f"data.sources={tmp_path / 'bpe'}"]).data, 320)
 
 
 # --- training on prepared data ---
 
-TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
-        "model.num_kv_heads=1", "model.parscale_n=2", "model.parscale_n_tokens=4", "data.seq_len=32",
-        "train.batch_size=8", "train.steps=12", "train.warmup_steps=2", "train.eval_every=6",
-        "train.eval_batches=2", "train.log_every=1", "checkpoint.every=2"]
+TINY = [*BASE, "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1", "train.steps=12",
+        "train.eval_every=6", "train.eval_batches=2", "checkpoint.every=2"]
 
 
 def logged(run_dir: Path, key: str = "loss") -> list[tuple[int, float]]:
@@ -265,7 +264,7 @@ def test_bad_sources_are_one_line_errors(sources, tmp_path, capsys):
         load_config(overrides=[f"data.sources={a}", "data.corpus=files", f"data.paths={a}"])
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match="not a prepared dataset"):
-        prepared.open_sources(load_config(overrides=[f"data.sources={tmp_path / 'plain'}"]).data)
+        prepared.open_sources(load_config(overrides=[f"data.sources={tmp_path / 'plain'}"]).data, 320)
     # A dataset whose every document was held out has nothing to train on.
     only = tmp_path / "only.jsonl"
     only.write_text(json.dumps({"text": "one document"}) + "\n")
@@ -284,7 +283,7 @@ def test_prepare_runs_as_a_command_on_a_fresh_process(tmp_path):
     folder = tmp_path / "inputs"
     write_inputs(folder, 7)
     result = subprocess.run([sys.executable, "-m", "parscale_jax.cli", "prepare", "--out", str(tmp_path / "ds"),
-                             str(folder)], capture_output=True, text=True, timeout=120)
+                             str(folder)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert "documents" in result.stderr and "MB/s" in result.stderr and "ETA" in result.stderr  # progress
     assert f"data.sources={tmp_path / 'ds'}" in result.stdout

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import mesh_worker
+from conftest import SUBPROCESS_TIMEOUT
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
@@ -34,7 +35,7 @@ def sharded(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("mesh")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, str(Path(mesh_worker.__file__)), str(out)], check=True, env=env,
-                   timeout=900)
+                   timeout=SUBPROCESS_TIMEOUT)
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -151,6 +152,21 @@ def test_kv_heads_fewer_than_model_devices_are_replicated():
     assert partition_spec(("layers", "embed", "kv_heads"), rules) == PartitionSpec(None, None, "model")
 
 
+def test_a_rule_may_split_a_logical_axis_over_several_mesh_axes(monkeypatch):
+    """A batch split over `data` and a new `expert` axis (as expert parallelism will): the mesh gains
+    the axis, its spec names both, and the micro-batch must divide their product."""
+    from parscale_jax import sharding
+
+    monkeypatch.setitem(sharding.RULES, "batch", ("data", "expert"))
+    assert sharding.mesh_axes() == ("data", "expert", "stream", "model")
+    config = load_config(overrides=["mesh.data=2", "mesh.expert=2", "train.batch_size=8"])
+    assert config.mesh.shape == {"data": 2, "expert": 2, "stream": 1, "model": 1}
+    assert partition_spec(("batch", "length")) == PartitionSpec(("data", "expert"), None)
+    with pytest.raises(ConfigError, match=r"mesh.data: mesh.data=2 x mesh.expert=3 = 6 devices do not divide the "
+                                          r"micro-batch of 8 rows"):
+        load_config(overrides=["mesh.data=2", "mesh.expert=3", "train.batch_size=8"])
+
+
 def test_a_mesh_that_does_not_fit_the_devices_is_refused():
     with pytest.raises(ConfigError, match=r"data=2 x stream=1 x model=1 = 2 devices, but 1 are available"):
         Layout.create(load_config(overrides=["mesh.data=2"]))
@@ -168,7 +184,7 @@ def two_processes(run_dir: Path, *args: str) -> None:
     command = ["bash", str(LAUNCH), "-n", "2", "-d", "2", "-l", str(run_dir.parent / f"{run_dir.name}-logs"),
                sys.executable, "-m", "parscale_jax.cli", "train", "--run-dir", str(run_dir), "--no-progress",
                *mesh_worker.TINY, "mesh.data=-1", "mesh.stream=2", *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     logs = "\n".join(p.read_text() for p in sorted((run_dir.parent / f"{run_dir.name}-logs").glob("*.log")))
     assert result.returncode == 0, result.stdout + result.stderr + logs
 

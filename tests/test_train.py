@@ -11,19 +11,11 @@ from parscale_jax import cli
 from parscale_jax.checkpoint import Checkpointer
 from parscale_jax.config import TrainConfig, load_config
 from parscale_jax.model import init_params, model_graphdef, param_info
-from parscale_jax.training.loop import (
-    create_state_fn,
-    learning_rate_schedule,
-    loss_sums,
-    make_train_step,
-    train,
-    weight_decay_mask,
-)
+from parscale_jax.training.loop import train
+from parscale_jax.training.step import Trainer, learning_rate_schedule, loss_sums, make_train_step, weight_decay_mask
+from conftest import TINY as BASE
 
-TINY = ["model.vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
-        "model.num_heads=4", "model.num_kv_heads=2", "model.parscale_n=2", "model.parscale_n_tokens=4",
-        "data.seq_len=32", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=1",
-        "train.eval_every=4", "train.eval_batches=2", "checkpoint.every=3"]
+TINY = [*BASE, "model.vocab_size=320", "train.eval_every=4", "train.eval_batches=2", "checkpoint.every=3"]
 
 
 def tiny_config(*overrides):
@@ -46,9 +38,9 @@ def test_gradient_accumulation_equals_one_full_batch():
     results = []
     for accum in (1, 4):
         config = tiny_config(f"train.grad_accum={accum}", "train.z_loss=1e-3")
-        graphdef, optimizer, create_state = create_state_fn(config)
-        step = jax.jit(make_train_step(graphdef, optimizer, config.train))
-        state = jax.jit(lambda: create_state(init_params(config.model, 0)))()
+        trainer = Trainer.of(config)
+        step = jax.jit(make_train_step(trainer.graphdef, trainer.optimizer, config.train))
+        state = jax.jit(lambda: trainer.create_state(init_params(config.model, 0)))()
         state, metrics = step(state, {}, random_batch(8, 32, 320), False)
         results.append((state["params"], metrics))
     (params_full, metrics_full), (params_micro, metrics_micro) = results
@@ -156,6 +148,7 @@ def test_eval_command_reports_held_out_and_text_file_loss(tmp_path, capsys):
 def test_evaluation_runs_on_its_own_cadence_and_its_time_is_not_throughput(tmp_path, monkeypatch):
     """log_every=3, eval_every=4: evaluations at 4, 8, 12 (not only on logging steps), and tokens/s
     counts training time only. The clock is a fake one: evaluating costs 1000 s on it."""
+    from parscale_jax import evaluate
     from parscale_jax.training import loop as train_module
 
     clock = [0.0]
@@ -164,14 +157,14 @@ def test_evaluation_runs_on_its_own_cadence_and_its_time_is_not_throughput(tmp_p
         clock[0] += 1e-3  # every reading moves the clock a little
         return clock[0]
 
-    real_mean_loss = train_module.mean_loss
+    real_mean_loss = evaluate.mean_loss
 
     def slow_mean_loss(*args):
         clock[0] += 1000.0
         return real_mean_loss(*args)
 
     monkeypatch.setattr(train_module.time, "perf_counter", perf_counter)
-    monkeypatch.setattr(train_module, "mean_loss", slow_mean_loss)
+    monkeypatch.setattr(evaluate, "mean_loss", slow_mean_loss)
     config = tiny_config("train.steps=12", "train.log_every=3", "train.eval_every=4")
     last = train(config, tmp_path, progress=False)
     metrics = read_metrics(tmp_path)
@@ -208,7 +201,7 @@ def test_the_loop_keeps_steps_in_flight(tmp_path, monkeypatch):
     from parscale_jax.training import loop as train_module
 
     events, step_of, kept = [], {}, []  # kept: the flags stay alive, so their ids stay theirs
-    real_jit, real_device_get = train_module.jit_train_step, jax.device_get
+    real_jit, real_device_get = Trainer.train_step, jax.device_get
 
     def recording_jit(*args, **kwargs):
         step_fn = real_jit(*args, **kwargs)
@@ -227,7 +220,7 @@ def test_the_loop_keeps_steps_in_flight(tmp_path, monkeypatch):
             events.append(("read", step_of[id(tree[0])]))
         return real_device_get(tree)
 
-    monkeypatch.setattr(train_module, "jit_train_step", recording_jit)
+    monkeypatch.setattr(Trainer, "train_step", recording_jit)
     monkeypatch.setattr(train_module.jax, "device_get", recording_device_get)
     train(tiny_config("train.steps=9", "train.log_every=100", "train.eval_every=0", "checkpoint.every=100"),
           tmp_path, progress=False)

@@ -35,7 +35,7 @@ def base_run(tmp_path, P: int) -> tuple[Run, dict]:
         initial = {"backbone": layout.place(backbone, np.float32)}
         if P > 1:
             initial[f"parscale_p{P}"] = layout.place(parscale, np.float32)
-        run = Run.create(tmp_path / f"base{P}", config, {"made_from": "test"}, initial)
+        run = Run.create(tmp_path / f"base{P}", config, initial, "test", [])
     return run, params
 
 
@@ -76,8 +76,10 @@ def test_solar_takes_layers_0_1_2_1_2_3_bit_for_bit_and_exports(tmp_path, P):
         for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(up[name])):
             np.testing.assert_array_equal(a, b)
     lineage = run.lineage()
-    assert lineage["made_from"] == "run" and lineage["transform"]["upscale"] == "solar"
-    assert lineage["path"] == str(base.directory.absolute()) and lineage["parent"]["made_from"] == "test"
+    assert lineage["made_from"] == "upscale" and lineage["method"] == "solar" and lineage["layer_map"] == layer_map.tolist()
+    (parent,) = lineage["parents"]
+    assert parent["kind"] == "run" and parent["path"] == str(base.directory.absolute())
+    assert parent["lineage"]["made_from"] == "test"
 
     # Its Hugging Face export: Qwen2 for P = 1, our remote code for P > 1, with our logits.
     assert main(["export", "--run-dir", str(tmp_path / "up"), "--out", str(tmp_path / "hf")]) == 0
@@ -111,7 +113,8 @@ def test_upscale_from_a_hugging_face_checkpoint(tmp_path):
     source = hf.write_hf_checkpoint(tmp_path / "hf", params, config.model, "byte")
     upscale(source, tmp_path / "up", drop=1)
     run, up = run_params(tmp_path / "up")
-    assert run.config.model.num_layers == 6 and run.lineage()["made_from"] == "huggingface"
+    assert run.config.model.num_layers == 6 and run.lineage()["made_from"] == "upscale"
+    assert run.lineage()["parents"] == [{"kind": "huggingface", "path": str(source)}]
     np.testing.assert_array_equal(up["layers"]["mlp"]["down_proj"]["kernel"],
                                   params["layers"]["mlp"]["down_proj"]["kernel"][[0, 1, 2, 1, 2, 3]])
 
@@ -132,3 +135,41 @@ def test_bad_upscale_arguments_are_one_line(tmp_path, capsys, args, fragment):
         assert main(command) == 2
     assert fragment in capsys.readouterr().err
     assert not (tmp_path / "up").exists()
+
+
+def test_transforms_read_their_sources_and_check_their_shapes_in_one_place(tmp_path):
+    """`runs.read_source` reads a run (at its newest checkpoint) or a Hugging Face directory the same
+    way; `runs.check_same_shapes` names the first parameter in which several models differ, as a
+    transform over several runs (a merge) needs; `Run.create` records every parent."""
+    from parscale_jax.runs import check_same_shapes, read_source
+
+    config = load_config(packaged_config_path("default"), ["model.init_std=0.1"])
+    params = jax.tree.map(np.asarray, init_params(config.model, 3))
+    source = read_source(hf.write_hf_checkpoint(tmp_path / "hf", params, config.model, "byte"), "a test")
+    assert source.config.model == config.model and source.parent == {"kind": "huggingface",
+                                                                       "path": str(tmp_path / "hf")}
+    jax.tree.map(np.testing.assert_array_equal, source.params, params)
+    with pytest.raises(ConfigError, match="--from: .*nowhere is neither a run directory"):
+        read_source(tmp_path / "nowhere", "a test")
+
+    wide = load_config(packaged_config_path("default"), ["model.intermediate_size=384"]).model
+    deep = load_config(packaged_config_path("default"), ["model.num_layers=5"]).model
+    streams = load_config(packaged_config_path("default"), ["model.parscale_n=2"]).model
+    check_same_shapes({"a": config.model, "b": config.model}, "RUNS")
+    with pytest.raises(ConfigError, match=r"RUNS: parameter layers/mlp/down_proj/kernel is \[4, 352, 128\] in a "
+                                          r"but \[4, 384, 128\] in wide"):
+        check_same_shapes({"a": config.model, "wide": wide}, "RUNS")
+    with pytest.raises(ConfigError, match=r"parameter layers/input_layernorm/weight is \[4, 128\] in a but \[5, 128\] "
+                                          r"in deep"):
+        check_same_shapes({"a": config.model, "deep": deep}, "RUNS")
+    with pytest.raises(ConfigError, match="RUNS: streams has parameter aggregate_in_bias, which a lacks"):
+        check_same_shapes({"a": config.model, "streams": streams}, "RUNS")
+
+    # A run made from two parents names both, each with its lineage.
+    layout = Layout.one_device(config.model)
+    with jax.set_mesh(layout.mesh):
+        initial = {"backbone": layout.place(split_params(params, config.model)[1], np.float32)}
+        Run.create(tmp_path / "merged", config, initial, "merge", [source.parent, source.parent], weights=[0.5, 0.5])
+    lineage = Run.open(tmp_path / "merged").lineage()
+    assert lineage["made_from"] == "merge" and lineage["parents"] == [source.parent] * 2
+    assert lineage["weights"] == [0.5, 0.5]

@@ -12,17 +12,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parscale_jax.analysis import torch_peer as bench_torch
-from parscale_jax.analysis import plotting
+from parscale_jax.analysis import plotting, torch_peer
+from parscale_jax.analysis.timing import median_seconds, step_latency_s
 from parscale_jax.config import Config, ModelConfig, SamplingConfig
+from parscale_jax.errors import ConfigError
 from parscale_jax.model.counting import non_embedding_params, train_flops_per_token
 from parscale_jax.inference.generate import Generator
 from parscale_jax.layout import Layout
@@ -31,23 +34,10 @@ from parscale_jax.model import init_params, model_graphdef
 STACK_V2_K = 0.3935  # k of the published Stack-V2-Python fit (SPEC §4)
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _one_device(config: Config) -> Layout:
-    return Layout.create(config, jax.devices()[:1])
-
-
 def _decode_figures(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int,
                     repeats: int) -> dict[str, float]:
     """Per-token decode latency (s) and decode-step memory (bytes) of `cfg` at `batch`, on one device."""
-    layout = _one_device(Config(model=cfg))
+    layout = Layout.one_device(cfg)
     graphdef = model_graphdef(cfg)
     params = jax.jit(lambda: init_params(cfg, 0))()
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
@@ -58,13 +48,6 @@ def _decode_figures(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: i
         stamps.append([])
         generator.run(params, prompts, on_tokens=lambda _: stamps[-1].append(time.perf_counter()))
     return {"latency_s": step_latency_s(stamps), "memory_bytes": generator.decode_memory_bytes(params)}
-
-
-def step_latency_s(stamps: list[list[float]]) -> float:
-    """Per-token latency from the times each run's tokens reached the host: the median interval
-    between consecutive tokens, one decode step each, over all runs (a direct measure, unlike a
-    difference of two run times, which noise can drive to zero)."""
-    return float(np.median(np.concatenate([np.diff(run) for run in stamps])))
 
 
 def weight_products_s(cfg: ModelConfig, rows: int, repeats: int) -> float:
@@ -89,7 +72,7 @@ def weight_products_s(cfg: ModelConfig, rows: int, repeats: int) -> float:
     step = jax.jit(products)
     x_RD = jax.random.normal(next(keys), (rows, D))
     step(x_RD, weights, head).block_until_ready()
-    return _median_seconds(lambda: step(x_RD, weights, head), max(repeats, 5) * 4)
+    return median_seconds(lambda: step(x_RD, weights, head), max(repeats, 5) * 4)
 
 
 def decode_cost(model: ModelConfig, streams=(1, 2, 4, 8), batches=(1, 2, 4, 8), prompt_len: int = 64,
@@ -111,7 +94,7 @@ def decode_cost(model: ModelConfig, streams=(1, 2, 4, 8), batches=(1, 2, 4, 8), 
                    "memory_ratio": figures["memory_bytes"] / base["memory_bytes"],
                    "floor_s": floor_s, "vs_floor": _ratio(figures["latency_s"], floor_s)}
             if peer == "torch":
-                row["peer_latency_s"] = bench_torch.decode_latency_s(cfg, batch, prompt_len, new_tokens, repeats)
+                row["peer_latency_s"] = torch_peer.decode_latency_s(cfg, batch, prompt_len, new_tokens, repeats)
                 row["vs_peer"] = _ratio(row["peer_latency_s"], figures["latency_s"])
             rows.append(row)
     return rows
@@ -175,14 +158,14 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     a = jnp.ones((size, size), jnp.float32)
     product = jax.jit(lambda x: x @ x)
     product(a).block_until_ready()
-    return 2 * size**3 / _median_seconds(lambda: product(a), repeats)
+    return 2 * size**3 / median_seconds(lambda: product(a), repeats)
 
 
 def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5,
                      peer: str | None = None) -> list[dict[str, Any]]:
     """Training tokens/s and model FLOP utilization for every P, the peak measured in the same run;
     with `peer="torch"` the PyTorch implementation's tokens/s too, measured right after ours."""
-    from parscale_jax.training.loop import create_state_fn, jit_train_step
+    from parscale_jax.training.step import Trainer, shardings_of
 
     peak = matmul_peak_flops()
     B, S = config.train.batch_size, config.data.seq_len
@@ -192,13 +175,11 @@ def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5,
     rows, base = [], None
     for P in streams:
         cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, parscale_n=P))
-        graphdef, optimizer, create_state = create_state_fn(cfg)
-        layout = _one_device(cfg)
+        trainer = Trainer.of(cfg)
+        layout = Layout.one_device(cfg.model)
         with jax.set_mesh(layout.mesh):
-            params = jax.jit(lambda: init_params(cfg.model, 0))()
-            state = create_state(params)
-            shardings = layout.state_shardings(jax.eval_shape(create_state, params))
-            step = jit_train_step(graphdef, optimizer, cfg.train, layout, shardings, {})
+            state = trainer.init_state(layout, jax.jit(lambda: init_params(cfg.model, 0))())
+            step = trainer.train_step(layout, shardings_of(state), {})
             halted = jnp.zeros((), bool)
             state, metrics = step(state, {}, batch, halted)  # compile, and run once
             jax.block_until_ready(metrics)  # before the clock starts: the steps run asynchronously
@@ -213,11 +194,37 @@ def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5,
         row = {"P": P, "tokens_per_s": tokens_per_s, "model_flops_per_s": flops, "peak_flops_per_s": peak,
                "mfu": flops / peak, "throughput_ratio": tokens_per_s / base}
         if peer == "torch":
-            peer_tokens_per_s = bench_torch.train_tokens_per_s(cfg, steps)
+            peer_tokens_per_s = torch_peer.train_tokens_per_s(cfg, steps)
             row.update(peer_tokens_per_s=peer_tokens_per_s, peer_mfu=peer_tokens_per_s * flops / tokens_per_s / peak,
                        vs_peer=tokens_per_s / peer_tokens_per_s)
         rows.append(row)
     return rows
+
+
+BENCHMARKS = ("decode", "equal-loss", "train")
+
+
+def run_benchmark(name: str, config: Config, streams: tuple[int, ...], batches: tuple[int, ...], prompt_len: int,
+                  new_tokens: int, repeats: int, steps: int, peer: str | None) -> list[dict[str, Any]]:
+    """The rows of one of BENCHMARKS, its options checked first."""
+    if new_tokens < 2:
+        raise ConfigError("--new-tokens", f"must be >= 2 (latency is the interval between consecutive tokens), "
+                          f"got {new_tokens}")
+    if prompt_len + new_tokens > config.model.max_position_embeddings:
+        raise ConfigError("--prompt-len", f"{prompt_len} + {new_tokens} new tokens exceed "
+                          f"model.max_position_embeddings={config.model.max_position_embeddings}")
+    decode = dict(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+    if name == "decode":
+        return decode_cost(config.model, streams, batches, **decode, peer=peer)
+    if name == "equal-loss":
+        return equal_loss(config.model, tuple(p for p in streams if p > 1), batches, **decode)
+    return train_throughput(config, streams, steps, peer)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
 
 
 # ---------------------------------------------------------------------------------------------

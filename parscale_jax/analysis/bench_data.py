@@ -26,7 +26,7 @@ import tokenizers
 
 from parscale_jax.data import prepare
 from parscale_jax.data import prepared
-from parscale_jax.config import load_config, packaged_config_path
+from parscale_jax.config import load_config
 
 FILE_MB = 64  # the generated corpus comes in .jsonl files of this size
 
@@ -122,7 +122,7 @@ def start_up(dataset: Path, run_dir: Path, steps: int) -> dict:
 
 def pipeline_rows_per_s(dataset: Path, batches: int = 200) -> float:
     """Rows/s of the prepared-data pipeline alone at the default config's batch and row length."""
-    config = load_config(packaged_config_path("default"), [f"data.sources={dataset}"])
+    config = load_config("default", [f"data.sources={dataset}"])
     iterator = iter(prepared.train_dataset(config, slice(None)))
     next(iterator)
     started = time.perf_counter()
@@ -133,7 +133,7 @@ def pipeline_rows_per_s(dataset: Path, batches: int = 200) -> float:
 
 def run(work: Path, small_mb: float, large_mb: float) -> dict:
     texts = stdlib_texts()
-    config = load_config(packaged_config_path("default"))
+    config = load_config("default")
     results = {}
     small, large = work / "corpus-small", work / "corpus-large"
     results["small_text_bytes"] = make_corpus(small, small_mb, texts)

@@ -20,6 +20,7 @@ from parscale_jax.analysis import plotting
 from parscale_jax.config import Config, stage_models
 from parscale_jax.errors import ConfigError
 from parscale_jax.model.counting import non_embedding_params
+from parscale_jax.training.loop import train
 
 
 def runs(config: Config) -> dict[str, Config]:
@@ -74,12 +75,12 @@ def plot(curves: dict[str, list[dict[str, float]]], path: Path) -> Path:
     return plotting.save(fig, path)
 
 
-def run(config: Config, work: Path, train_fn) -> tuple[dict[str, Any], dict[str, list]]:
+def run(config: Config, work: Path, progress: bool = True) -> tuple[dict[str, Any], dict[str, list]]:
     """Train both runs in `work` (resuming any already there) and compare them."""
     configs = runs(config)
     curves = {}
     for name, run_config in configs.items():
-        train_fn(run_config, work / name)
+        train(run_config, work / name, progress=progress)
         curves[name] = curve(work / name)
     result = compare(curves)
     result["params"] = {"growth": [non_embedding_params(m) for m in stage_models(config)],

@@ -15,6 +15,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from parscale_jax.analysis import plotting
+from parscale_jax.errors import ConfigError
 
 HUBER_DELTA = 1e-3
 A_SCALE = 1e9  # the fit works with A / 1e9, as the paper's script does
@@ -90,8 +91,6 @@ def read_results(path: str, group: str | None) -> dict[str, tuple[np.ndarray, np
     final_loss, eval_loss or loss."""
     import csv
 
-    from parscale_jax.errors import ConfigError
-
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -131,6 +130,25 @@ def format_fit(name: str, fit: Fit, N: np.ndarray, P: np.ndarray, loss: np.ndarr
     worth = ", ".join(f"P = {p} is worth N x {law.k * math.log(p) + 1:.3f}" for p in (2, 4, 8))
     lines.append(worth)
     return "\n".join(lines)
+
+
+def fit_groups(groups: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+               predict: tuple[float, float] | None = None) -> tuple[dict[str, tuple[Fit, tuple]], str]:
+    """The law fitted to each group of (N, P, loss) points: ({group: (fit, points)}, a report of every
+    fit and, with `predict` (N, P), the loss it predicts there)."""
+    fits, lines = {}, []
+    for name, (N, P, loss) in groups.items():
+        try:
+            fit = fit_law(N, P, loss)
+        except ValueError as err:
+            raise ConfigError("RESULTS", f"group '{name}': {err}") from None
+        fits[name] = (fit, (N, P, loss))
+        lines.append(format_fit(name, fit, N, P, loss))
+        if predict:
+            n, p = predict
+            lines.append(f"predicted loss at N = {n:.4g}, P = {int(p)}: {float(fit.law.loss(n, p)):.4f}; a P = 1 "
+                         f"model needs N = {float(fit.law.dense_equivalent(n, p)):.4g} for it")
+    return fits, "\n".join(lines)
 
 
 def plot_fits(fits: dict[str, tuple[Fit, tuple[np.ndarray, np.ndarray, np.ndarray]]], path: str) -> str:

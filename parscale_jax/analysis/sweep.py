@@ -16,12 +16,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
+from parscale_jax.analysis import scaling_law
 from parscale_jax.config import Config, ModelConfig, validate
 from parscale_jax.errors import ConfigError
-from parscale_jax.model.counting import non_embedding_params, total_params
+from parscale_jax.evaluate import evaluate_run
 from parscale_jax.files import write_atomic
+from parscale_jax.layout import resolve_mesh
+from parscale_jax.model.counting import non_embedding_params, total_params
+from parscale_jax.runs import Run
+from parscale_jax.training.loop import train
 
 RESULT = "result.json"
 COLUMNS = ("run", "hidden_size", "P", "non_embedding_params", "total_params", "tokens", "steps",
@@ -59,8 +65,6 @@ def grid(base: Config, widths: tuple[int, ...], streams: tuple[int, ...], tokens
 
 def check_run_dir(name: str, config: Config, run_dir: Path) -> None:
     """A run directory left by an earlier sweep must hold the same run; else resuming would mix two."""
-    from parscale_jax.runs import Run
-
     differ, _ = Run(run_dir, config).config_changes()
     if differ:
         raise ConfigError("--out", f"run {name} in {run_dir} was trained with other settings "
@@ -69,13 +73,8 @@ def check_run_dir(name: str, config: Config, run_dir: Path) -> None:
 
 def run_one(name: str, config: Config, run_dir: Path, progress: bool) -> dict[str, Any]:
     """Train (or finish) one run and evaluate it on the whole held-out split; its row of results.csv."""
-    import jax
-
-    from parscale_jax.runs import Run
-    from parscale_jax.training.loop import evaluate, train
-
     last = train(config, run_dir, progress=progress)
-    evaluation = evaluate(Run(run_dir, config))
+    evaluation = evaluate_run(Run(run_dir, config))
     t = config.train
     row = {"run": name, "hidden_size": config.model.hidden_size, "P": config.model.parscale_n,
            "non_embedding_params": non_embedding_params(config.model), "total_params": total_params(config.model),
@@ -89,11 +88,10 @@ def run_one(name: str, config: Config, run_dir: Path, progress: bool) -> dict[st
 
 def run_sweep(runs: dict[str, Config], out: Path, progress: bool = True) -> list[dict[str, Any]]:
     """Every run of the grid, skipping finished ones; writes and returns the rows of results.csv."""
-    import jax
-
-    out.mkdir(parents=True, exist_ok=True)
     for name, config in runs.items():  # all of them before any training
+        resolve_mesh(config, jax.device_count())
         check_run_dir(name, config, out / name)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, (name, config) in enumerate(runs.items(), 1):
         result = out / name / RESULT
@@ -112,6 +110,14 @@ def run_sweep(runs: dict[str, Config], out: Path, progress: bool = True) -> list
         writer.writerows(rows)
         write_atomic(out / "results.csv", table.getvalue())
     return rows
+
+
+def fit_results(out: Path) -> tuple[dict, str]:
+    """The law fitted to a sweep's results.csv (written to OUT/fit.json): ({"all": (fit, points)}, a report)."""
+    fits, report = scaling_law.fit_groups(scaling_law.read_results(str(out / "results.csv"), None))
+    fit = fits["all"][0]
+    write_atomic(out / "fit.json", json.dumps({**dataclasses.asdict(fit.law), "r2": fit.r2}, indent=2) + "\n")
+    return fits, report
 
 
 def dense_loss_at(n: float, dense: dict[int, float]) -> float | None:

@@ -5,14 +5,13 @@ cache, on as many threads as XLA uses. torch comes with the `test` extra."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from typing import Any
 
 import numpy as np
 
 from parscale_jax.config import Config, ModelConfig
+from parscale_jax.analysis.timing import step_latency_s
 from parscale_jax.interop.hf import config_to_hf
 
 
@@ -75,8 +74,6 @@ def decode_latency_s(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: 
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from parscale_jax.analysis.bench import step_latency_s
-
     class Stamp(LogitsProcessor):
         def __init__(self, times: list[float]):
             self.times = times
@@ -99,13 +96,3 @@ def decode_latency_s(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: 
     for times in stamps:
         run(times)
     return step_latency_s(stamps)
-
-
-def with_streams(config: Config, P: int) -> Config:
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, parscale_n=P))
-
-
-def describe() -> dict[str, Any]:
-    import torch
-
-    return {"torch": torch.__version__, "torch_threads": threads()}

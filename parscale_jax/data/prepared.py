@@ -22,7 +22,9 @@ memory do not grow with the corpus.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -30,13 +32,23 @@ import numpy as np
 from etils import epath
 
 from parscale_jax.config import Config, DataConfig
-from parscale_jax.data.packing import rows_from_tokens
-from parscale_jax.data.tokenizer import tokenizer_sha256
+from parscale_jax.data.packing import Rows, batches_of, pack_documents, rows_from_tokens, take_rows
+from parscale_jax.data.tokenizer import check_fits
 from parscale_jax.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # the manifest's format version
 WRITER_OPTIONS = "group_size:1,uncompressed"  # one record a chunk: reading a document reads only it
+
+
+def tokenizer_sha256(name: str, key: str = "data.tokenizer") -> str:
+    """What identifies the tokenizer a dataset was prepared with: the hash of its tokenizer.json, or
+    of the name 'byte'."""
+    if name == "byte":
+        return hashlib.sha256(b"byte").hexdigest()
+    if not Path(name).is_file():
+        raise DataError(f"{key}: file not found: {name}")
+    return hashlib.sha256(Path(name).read_bytes()).hexdigest()
 
 
 def read_manifest(path: str) -> dict[str, Any]:
@@ -87,8 +99,9 @@ class Source:
 
 
 @functools.lru_cache(maxsize=8)
-def open_sources(data: DataConfig) -> tuple[Source, ...]:
-    """The configured sources, each checked against the configured tokenizer."""
+def open_sources(data: DataConfig, vocab_size: int) -> tuple[Source, ...]:
+    """The configured sources, each checked against the configured tokenizer and the model's
+    vocabulary (`vocab_size` token ids)."""
     expected = tokenizer_sha256(data.tokenizer)
     sources = []
     for i, entry in enumerate(data.sources):
@@ -101,11 +114,8 @@ def open_sources(data: DataConfig) -> tuple[Source, ...]:
         if source.num_train_docs == 0:
             raise DataError(f"data.sources[{i}]: {entry.path} holds no training documents")
         sources.append(source)
+    check_fits(max(source.manifest["tokenizer"]["vocab_size"] for source in sources), vocab_size)
     return tuple(sources)
-
-
-def vocab_size(data: DataConfig) -> int:
-    return max(source.manifest["tokenizer"]["vocab_size"] for source in open_sources(data))
 
 
 # --- Training rows ---
@@ -199,19 +209,37 @@ class _PackedRowsIterator(grain.DatasetIterator):
 
 def train_dataset(config: Config, rows: slice) -> PackedRows:
     data = config.data
-    return PackedRows(open_sources(data), tuple(entry.weight for entry in data.sources), data.seq_len,
-                      config.train.batch_size, range(config.train.batch_size)[rows], data.seed)
+    return PackedRows(open_sources(data, config.model.vocab_size), tuple(entry.weight for entry in data.sources),
+                      data.seq_len, config.train.batch_size, range(config.train.batch_size)[rows], data.seed)
+
+
+def datasets(config: Config, rows: slice, eval_batches: int | None) -> tuple[_PackedRowsIterator, list[Rows]]:
+    """A training run's iterator over its rows of the sources' training batches, and, unless
+    `eval_batches` is None, that many held-out batches (0: all of them)."""
+    train_iter, B = iter(train_dataset(config, rows)), config.train.batch_size
+    if eval_batches is None:
+        return train_iter, []
+    held_out = eval_rows(config.data, config.model.vocab_size, eval_batches * B)
+    return train_iter, list(batches_of(held_out, B, eval_batches))
 
 
 # --- Held-out rows ---
 
 
-def eval_documents(data: DataConfig, max_tokens: int) -> list[np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def eval_rows(data: DataConfig, vocab_size: int, max_rows: int) -> Rows:
+    """Rows of the sources' held-out documents (all of them, or the first `max_rows`)."""
+    documents = eval_documents(data, vocab_size, max_rows * (data.seq_len + 1))
+    rows = pack_documents(documents, data.seq_len, None)  # the documents end in their end token
+    return take_rows(rows, slice(max_rows or None))
+
+
+def eval_documents(data: DataConfig, vocab_size: int, max_tokens: int) -> list[np.ndarray]:
     """The sources' held-out documents (end token included), source after source in their prepared
     order; with `max_tokens` > 0 only as many as hold that many tokens."""
     row_len = data.seq_len + 1
     documents, total = [], 0
-    for document in (d for source in open_sources(data) for d in source.eval_documents()):
+    for document in (d for source in open_sources(data, vocab_size) for d in source.eval_documents()):
         documents.append(document)
         total += len(document)
         if max_tokens and total >= max_tokens:

@@ -3,7 +3,6 @@ what identifies one (the hash a prepared dataset records)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +64,11 @@ def tokenizer_named(name: str, key: str = "data.tokenizer") -> Tokenizer:
         raise DataError(f"{key}: {name} is not a tokenizer.json: {err}") from None
 
 
+def load_tokenizer(data) -> Tokenizer:
+    """The tokenizer of a `DataConfig`."""
+    return tokenizer_named(data.tokenizer, "data.tokenizer")
+
+
 def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Many texts, on every core where the tokenizer can (the tokenizers library's batch encoding)."""
     if isinstance(tokenizer, HFTokenizer):
@@ -72,13 +76,21 @@ def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     return [tokenizer.encode(text) for text in texts]
 
 
-def tokenizer_sha256(name: str, key: str = "data.tokenizer") -> str:
-    """What identifies a tokenizer: the hash of its tokenizer.json, or of the name 'byte'."""
-    if name == "byte":
-        return hashlib.sha256(b"byte").hexdigest()
-    if not Path(name).is_file():
-        raise DataError(f"{key}: file not found: {name}")
-    return hashlib.sha256(Path(name).read_bytes()).hexdigest()
+def check_fits(tokens: int, vocab_size: int) -> None:
+    """A tokenizer of `tokens` tokens fits an embedding of `vocab_size` rows, or a DataError saying
+    what to set."""
+    if tokens > vocab_size:
+        raise DataError(f"model.vocab_size: the tokenizer has {tokens} tokens but model.vocab_size is "
+                        f"{vocab_size}; set model.vocab_size={-(-tokens // 64) * 64} (or leave it out of the "
+                        "config: it is then the tokenizer's size, rounded up to a multiple of 64)")
+
+
+def tokenize(texts: list[str], name: str, vocab_size: int) -> tuple[list[np.ndarray], int | None]:
+    """(the token ids of every text, the end-of-document id) under the tokenizer `name`
+    (`data.tokenizer`), which must fit an embedding of `vocab_size` rows."""
+    tokenizer = tokenizer_named(name, "data.tokenizer")
+    check_fits(tokenizer.vocab_size, vocab_size)
+    return encode_all(tokenizer, texts), tokenizer.eos_id
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

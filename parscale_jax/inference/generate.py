@@ -1,9 +1,11 @@
 """Generation: a preallocated KV cache, a jitted prefill and decode step, sampling and stop tokens.
 
 The cache of every layer and stream holds C = T + max_len slots: the stream's T prefix
-keys/values, written once when the cache is made, then one slot per token. Stacked over layers and
-streams it is `[L, P, B, C, n_kv, head_dim]` for keys and for values, sharded like the activations
-(streams over `stream`, rows over `data`, kv heads over `model`).
+keys/values, written once when the cache is made, then one slot per token. The prefill writes a
+cache stacked over the layers, `[L, P, B, C, K, H]` for keys and for values, which it hands on as
+one `[P, B, C, K, H]` array per layer: decoding runs the layers one by one (`lm.scan_layers`). Every
+layer's cache is sharded like the activations (streams over `stream`, rows over `data`, kv heads
+over `model`).
 
 Batches are left-padded: every row's last prompt token sits in the same slot, so one decode step
 serves the whole batch. Padding slots are hidden from every query and real tokens are numbered from
@@ -12,7 +14,9 @@ serves the whole batch. Padding slots are hidden from every query and real token
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +24,11 @@ import numpy as np
 from flax import nnx
 
 from parscale_jax.config import ModelConfig, SamplingConfig
+from parscale_jax.data.tokenizer import load_tokenizer
 from parscale_jax.errors import ConfigError
 from parscale_jax.layout import LAYER_CACHE_AXES, Layout
-from parscale_jax.model import KVCache, prefix_slots
+from parscale_jax.model import KVCache, model_graphdef, prefix_slots
+from parscale_jax.runs import Run
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
@@ -154,3 +160,63 @@ class Generator:
             cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             results.append(row[:cut])
         return results, np.stack(logits) if keep_logits else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Text in, text out: what `parscale-jax generate` does
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    """One `prompt`, or the non-blank lines of `prompts_file`."""
+    if (prompt is None) == (prompts_file is None):
+        raise ConfigError("--prompt", "give one --prompt TEXT or a --prompts FILE (one prompt per line)")
+    if prompts_file is None:
+        return [prompt]
+    if not Path(prompts_file).is_file():
+        raise ConfigError("--prompts", f"file not found: {prompts_file}")
+    texts = [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("--prompts", f"{prompts_file} holds no prompt")
+    return texts
+
+
+def generate_text(run: Run, texts: list[str], sampling: SamplingConfig, step: int | None,
+                  show: Callable[[str], None]) -> None:
+    """Continue every text with the run's model (its newest checkpoint, or `step`'s), handing the
+    output to `show` piece by piece: one prompt's continuation as it comes, several prompts' whole."""
+    run = run.settled(step, "generate")
+    config = run.config
+    tokenizer = load_tokenizer(config.data)
+    prompts = [tokenizer.encode(text).tolist() for text in texts]
+    longest, limit = max(map(len, prompts)), config.model.max_position_embeddings
+    if longest >= limit:
+        raise ConfigError("--prompt", f"a prompt of {longest} tokens leaves no room to generate within "
+                          f"model.max_position_embeddings={limit}")
+    if longest + sampling.max_new_tokens > limit:
+        print(f"--max-new-tokens {sampling.max_new_tokens}: after a prompt of {longest} tokens only "
+              f"{limit - longest} fit within model.max_position_embeddings={limit}; generating at most those",
+              file=sys.stderr, flush=True)
+    layout = Layout.create(config)
+    stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    with jax.set_mesh(layout.mesh):
+        params, _ = run.params(layout, step)
+        generator = Generator(model_graphdef(config.model), config.model, layout, len(prompts),
+                              min(limit, longest + sampling.max_new_tokens), sampling)
+        if len(prompts) > 1:
+            outputs, _ = generator.run(params, prompts, stop_ids)
+            for text, output in zip(texts, outputs):
+                show(text + tokenizer.decode([t for t in output if t not in stop_ids]) + "\n" + "-" * 40 + "\n")
+            return
+        shown, tokens = "", []
+        show(texts[0])
+
+        def stream(step_tokens):  # the text so far, less what is already shown (bytes join into characters)
+            nonlocal shown
+            if step_tokens[0] >= 0 and step_tokens[0] not in stop_ids:
+                tokens.append(int(step_tokens[0]))
+                text = tokenizer.decode(tokens)
+                show(text[len(shown):])
+                shown = text
+
+        generator.run(params, prompts, stop_ids, on_tokens=stream)
+        show("\n")

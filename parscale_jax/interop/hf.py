@@ -29,8 +29,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from parscale_jax.config import ModelConfig, validate_model
-from parscale_jax.errors import ConfigError
-from parscale_jax.model import param_info
+from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer
+from parscale_jax.errors import CheckpointError, ConfigError
+from parscale_jax.model import FFN_TYPES, param_info
 
 _REMOTE_CODE = ("configuration_qwen2_parscale.py", "modeling_qwen2_parscale.py")
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -123,23 +124,26 @@ def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict[str, 
 # Tensors: one table for import and export
 
 
-def aggregator_kernel_from_hf(weight_DF: np.ndarray, P: int) -> np.ndarray:
+def aggregator_kernel_from_hf(weight: np.ndarray, P: int) -> np.ndarray:
     """`aggregate_layer.0.weight [D_out, D·P]` with input index d·P + p → our kernel `[P·D, D_out]`."""
-    D_out, F = weight_DF.shape
-    D = F // P
-    return weight_DF.T.reshape(D, P, D_out).transpose(1, 0, 2).reshape(P * D, D_out)
+    D_out, PD = weight.shape
+    D = PD // P
+    return weight.T.reshape(D, P, D_out).transpose(1, 0, 2).reshape(P * D, D_out)
 
 
-def aggregator_kernel_to_hf(kernel_FD: np.ndarray, P: int) -> np.ndarray:
+def aggregator_kernel_to_hf(kernel: np.ndarray, P: int) -> np.ndarray:
     """Our kernel `[P·D, D_out]` (stream-major) → `aggregate_layer.0.weight [D_out, D·P]` (interleaved)."""
-    F, D_out = kernel_FD.shape
-    D = F // P
-    return kernel_FD.reshape(P, D, D_out).transpose(1, 0, 2).reshape(D * P, D_out).T
+    PD, D_out = kernel.shape
+    D = PD // P
+    return kernel.reshape(P, D, D_out).transpose(1, 0, 2).reshape(D * P, D_out).T
 
 
-# Our parameter path -> (Hugging Face tensor name, how the array changes on the way). "{i}" is the
-# layer of a stacked `[L, ...]` parameter. Every parameter the model declares needs an entry; the
-# order is the file order (layer by layer, as transformers writes them).
+# Our parameter path -> (Hugging Face tensor name, how the array changes on the way), for every
+# parameter but the feed-forward block's, whose registry entry names its own (`ffn.FFN_TYPES`, under
+# `layers/mlp/`; they go where "{mlp}" stands). A stacked parameter's leading axes that the
+# checkpoint keeps as separate tensors are indices in the name: "{i}" the layer, "{e}" the next
+# axis (an expert). Every declared parameter needs an entry; the order is the file order (layer by
+# layer, as transformers writes them).
 HF_NAMES: dict[str, tuple[str, str]] = {
     "embed_tokens/embedding": ("model.embed_tokens.weight", "same"),
     "layers/input_layernorm/weight": ("model.layers.{i}.input_layernorm.weight", "same"),
@@ -151,9 +155,7 @@ HF_NAMES: dict[str, tuple[str, str]] = {
     "layers/self_attn/v_proj/kernel": ("model.layers.{i}.self_attn.v_proj.weight", "transpose"),
     "layers/self_attn/v_proj/bias": ("model.layers.{i}.self_attn.v_proj.bias", "same"),
     "layers/self_attn/o_proj/kernel": ("model.layers.{i}.self_attn.o_proj.weight", "transpose"),
-    "layers/mlp/gate_proj/kernel": ("model.layers.{i}.mlp.gate_proj.weight", "transpose"),
-    "layers/mlp/up_proj/kernel": ("model.layers.{i}.mlp.up_proj.weight", "transpose"),
-    "layers/mlp/down_proj/kernel": ("model.layers.{i}.mlp.down_proj.weight", "transpose"),
+    "{mlp}": ("", ""),
     "layers/self_attn/prefix_k": ("model.layers.{i}.self_attn.prefix_k", "same"),
     "layers/self_attn/prefix_v": ("model.layers.{i}.self_attn.prefix_v", "same"),
     "norm/weight": ("model.norm.weight", "same"),
@@ -163,6 +165,7 @@ HF_NAMES: dict[str, tuple[str, str]] = {
     "aggregate_out_kernel": ("model.aggregate_layer.2.weight", "transpose"),
     "aggregate_out_bias": ("model.aggregate_layer.2.bias", "same"),
 }
+INDICES = ("i", "e")  # the index placeholders of a tensor name, for a parameter's leading axes in order
 # conversion -> (ours to Hugging Face, Hugging Face to ours), given P; torch Linear weights are [out, in].
 CONVERSIONS: dict[str, tuple[Callable, Callable]] = {
     "same": (lambda x, P: x, lambda x, P: x),
@@ -171,46 +174,65 @@ CONVERSIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def hf_names(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    """HF_NAMES with the feed-forward block's own names in its place."""
+    mlp = {f"layers/mlp/{path}": (f"model.layers.{{i}}.mlp.{name}", conversion)
+           for path, (name, conversion) in FFN_TYPES[cfg.ffn].HF_NAMES.items()}
+    return {entry: value for key, named in HF_NAMES.items()
+            for entry, value in (mlp.items() if key == "{mlp}" else [(key, named)])}
+
+
 @dataclasses.dataclass(frozen=True)
 class HFTensor:
-    """One tensor of a Hugging Face checkpoint and the parameter (or layer of it) it holds."""
+    """One tensor of a Hugging Face checkpoint and the parameter (or slice of it) it holds."""
 
     name: str
     path: tuple[str, ...]  # our parameter
-    layer: int | None  # the index into a stacked parameter's `[L]` axis
+    index: tuple[int, ...]  # into the parameter's leading axes (layer, expert) the name indexes
     shape: tuple[int, ...]  # as Hugging Face stores it
     conversion: str
 
 
+def _indices(name: str) -> int:
+    """How many leading axes a tensor name indexes ("{i}", then "{e}")."""
+    return sum(f"{{{index}}}" in name for index in INDICES)
+
+
 def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
-    """Every Hugging Face tensor of a model with this config, in file order."""
+    """Every Hugging Face tensor of a model with this config, in file order: the parameters before
+    the first stacked one, then layer by layer the stacked ones, then the rest."""
     declared = {"/".join(path): info for path, info in flatten_mapping(param_info(cfg)).items()}
-    unknown = sorted(set(declared) - set(HF_NAMES))
+    names = hf_names(cfg)
+    unknown = sorted(set(declared) - set(names))
     if unknown:
-        raise KeyError(f"no Hugging Face name for parameter {unknown[0]}; add it to hf.HF_NAMES")
-    present = [key for key in HF_NAMES if key in declared]
-    layered = [key for key in present if key.startswith("layers/")]
+        raise KeyError(f"no Hugging Face name for parameter {unknown[0]}; add it to hf.HF_NAMES (or to the "
+                       "HF_NAMES of its feed-forward type)")
+    present = [key for key in names if key in declared]
+    layered = [key for key in present if "{i}" in names[key][0]]
     first = present.index(layered[0])
-    order = [(key, None) for key in present[:first] if key not in layered]
-    order += [(key, i) for i in range(cfg.num_layers) for key in layered]
-    order += [(key, None) for key in present[first:] if key not in layered]
+    order = [(key, ()) for key in present[:first] if key not in layered]
+    order += [(key, (i,)) for i in range(cfg.num_layers) for key in layered]
+    order += [(key, ()) for key in present[first:] if key not in layered]
     tensors = []
-    for key, layer in order:
-        name, conversion = HF_NAMES[key]
-        shape = declared[key].shape[0 if layer is None else 1:]
-        tensors.append(HFTensor(name.format(i=layer), tuple(key.split("/")), layer,
-                                shape if conversion == "same" else shape[::-1], conversion))
+    for key, outer in order:
+        name, conversion = names[key]
+        leading = declared[key].shape[:_indices(name)]
+        for index in np.ndindex(*leading[len(outer):]):
+            index = (*outer, *index)
+            shape = declared[key].shape[len(index):]
+            tensors.append(HFTensor(name.format(**dict(zip(INDICES, index))), tuple(key.split("/")), index,
+                                    shape if conversion == "same" else shape[::-1], conversion))
     return tensors
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
     """Nested pure dict matching `nnx.to_pure_dict` of a `ParScaleLM(cfg)` parameter state."""
     P = cfg.parscale_n
+    declared = flatten_mapping(param_info(cfg))
     parts: dict[tuple[str, ...], list[np.ndarray]] = {}
     for t in hf_tensors(cfg):
         parts.setdefault(t.path, []).append(CONVERSIONS[t.conversion][1](tensors[t.name], P))
-    return unflatten_mapping({path: np.stack(arrays) if path[0] == "layers" else arrays[0]
-                              for path, arrays in parts.items()})
+    return unflatten_mapping({path: np.stack(arrays).reshape(declared[path].shape) for path, arrays in parts.items()})
 
 
 TensorSource = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]
@@ -225,8 +247,7 @@ def hf_tensor_sources(params: dict[str, Any], cfg: ModelConfig) -> list[TensorSo
     flat = flatten_mapping(params)
 
     def read(t: HFTensor) -> np.ndarray:
-        x = flat[t.path] if t.layer is None else flat[t.path][t.layer]
-        return CONVERSIONS[t.conversion][0](np.asarray(x), cfg.parscale_n)
+        return CONVERSIONS[t.conversion][0](np.asarray(flat[t.path][t.index]), cfg.parscale_n)
 
     return [(t.name, t.shape, functools.partial(read, t)) for t in hf_tensors(cfg)]
 
@@ -304,25 +325,26 @@ BYTE_EOS = "<|endoftext|>"
 
 
 def _tokenizer_files(tokenizer: str, max_length: int) -> tuple[dict[str, str], int | None]:
-    """(file name → text, eos id) of the tokenizer to ship: ours, or the user's as is."""
-    from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer
+    """(file name → text, eos id) of the tokenizer to ship: ours, or the user's with its companion
+    files. Either pads on the left, as a decoder-only model's batched generation needs."""
 
-    def tokenizer_config(eos_token: str | None) -> str:
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": eos_token,
-                  "model_max_length": max_length, "clean_up_tokenization_spaces": False}
-        return json.dumps(config, indent=2) + "\n"
+    def tokenizer_config(eos_token: str | None) -> dict:
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": eos_token,
+                "model_max_length": max_length, "clean_up_tokenization_spaces": False}
 
     if tokenizer == "byte":
-        return {"tokenizer.json": byte_tokenizer_json(), "tokenizer_config.json": tokenizer_config(BYTE_EOS)}, \
-            ByteTokenizer.eos_id
-    source = Path(tokenizer)
-    files = {"tokenizer.json": source.read_text(encoding="utf-8")}
-    for companion in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (source.parent / companion).is_file():
-            files[companion] = (source.parent / companion).read_text(encoding="utf-8")
-    loaded = HFTokenizer(str(source))
-    files.setdefault("tokenizer_config.json", tokenizer_config(loaded.eos_token))
-    return files, loaded.eos_id
+        files, config, eos_id = {"tokenizer.json": byte_tokenizer_json()}, tokenizer_config(BYTE_EOS), ByteTokenizer.eos_id
+    else:
+        source = Path(tokenizer)
+        files = {"tokenizer.json": source.read_text(encoding="utf-8")}
+        if (source.parent / "special_tokens_map.json").is_file():
+            files["special_tokens_map.json"] = (source.parent / "special_tokens_map.json").read_text(encoding="utf-8")
+        loaded = HFTokenizer(str(source))
+        own = source.parent / "tokenizer_config.json"
+        config = json.loads(own.read_text(encoding="utf-8")) if own.is_file() else tokenizer_config(loaded.eos_token)
+        eos_id = loaded.eos_id
+    files["tokenizer_config.json"] = json.dumps({**config, "padding_side": "left"}, indent=2) + "\n"
+    return files, eos_id
 
 
 def _plan_shards(sources: list[TensorSource], itemsize: int, max_shard_bytes: int) -> list[list[TensorSource]]:
@@ -391,7 +413,9 @@ def _write_tensors(directory: Path, sources: list[TensorSource], np_dtype: Any, 
         tensors = {}
         for name, shape, read in shard:
             array = np.ascontiguousarray(np.asarray(read()).astype(np_dtype))
-            assert array.shape == shape, (name, array.shape, shape)
+            if array.shape != shape:
+                raise CheckpointError(f"tensor {name} has shape {list(array.shape)}, but the model's config implies "
+                                      f"{list(shape)}")
             tensors[name] = array
             weight_map[name] = file_name
             total += array.nbytes

@@ -5,24 +5,26 @@ and `REMAT_POLICIES` (model.remat).
 """
 
 from parscale_jax.model.attention import KERNELS as ATTENTION_KERNELS
-from parscale_jax.model.attention import AttentionMask, KVCache, attention_mask
+from parscale_jax.model.attention import KVCache, attention_mask
 from parscale_jax.model.ffn import FFN_TYPES
 from parscale_jax.model.layers import Aux, GrowthMasks, apply_rope, rope_tables
 from parscale_jax.model.lm import (
     REMAT_POLICIES,
     ParScaleLM,
     abstract_params,
+    activation_axes,
     init_params,
     merge_params,
     model_graphdef,
     param_info,
     prefix_slots,
+    residual_outputs,
     scan_layers,
     split_params,
 )
-from parscale_jax.model.params import DECAYED, ParamInfo, ParScaleParam
+from parscale_jax.model.params import DECAYED, ParScaleParam
 
-__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "AttentionMask", "Aux", "GrowthMasks", "KVCache",
+__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "Aux", "GrowthMasks", "KVCache",
            "ParScaleLM",
-           "ParScaleParam", "ParamInfo", "abstract_params", "apply_rope", "attention_mask", "init_params",
-           "merge_params", "model_graphdef", "param_info", "prefix_slots", "rope_tables", "scan_layers", "split_params"]
+           "ParScaleParam", "abstract_params", "activation_axes", "apply_rope", "attention_mask", "init_params",
+           "merge_params", "model_graphdef", "param_info", "prefix_slots", "residual_outputs", "rope_tables", "scan_layers", "split_params"]

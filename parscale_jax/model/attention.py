@@ -5,7 +5,7 @@ Each query attends over C key/value slots: this stream's T prefix slots, then th
 values; while generating they are a `KVCache` that holds the prefix in slots [0, T) and every token so
 far after it, into which the S new tokens are written first. An `AttentionMask` says which slots
 each query sees: from the segment ids in training (built block by block where a kernel asks), or
-as the dense `[B, S, C]` array generate.py gives while decoding.
+as the dense `[B, S, C]` array inference/generate.py gives while decoding.
 
 The attention kernel that turns (queries, keys, values, mask) into outputs is chosen by
 `model.attention` from `KERNELS`; a new implementation is a new entry there.
@@ -226,6 +226,8 @@ class KVCache:
 class Attention(nnx.Module):
     """Grouped-query attention in which stream p's keys and values start with its prefix when P > 1."""
 
+    OUTPUT_PROJECTIONS = ("o_proj",)  # what adds to the residual stream (`lm.residual_outputs`)
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = Linear(cfg, rngs, D, N * H, ("embed", "heads"), bias=cfg.qkv_bias)
@@ -268,7 +270,7 @@ class Attention(nnx.Module):
         if P == 1:
             out_PBSNH = self.kernel(q_PBSNH[0], k_PBCKH[0], v_PBCKH[0], mask)[None]
         else:
-            out_PBSNH = jax.vmap(self.kernel, in_axes=(0, 0, 0, None), spmd_axis_name=RULES["stream"])(
+            out_PBSNH = jax.vmap(self.kernel, in_axes=(0, 0, 0, None), spmd_axis_name=RULES["stream"] or None)(
                 q_PBSNH, k_PBCKH, v_PBCKH, mask)
         if live_N is not None:
             out_PBSNH = out_PBSNH * live_N[:, None].astype(out_PBSNH.dtype)

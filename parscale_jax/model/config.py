@@ -13,7 +13,7 @@ import dataclasses
 class ModelConfig:
     """Field names follow the paper's Hugging Face configs."""
 
-    vocab_size: int = 320
+    vocab_size: int = 320  # 256 bytes + end of document, rounded up to a multiple of 64
     hidden_size: int = 128
     intermediate_size: int = 352
     num_layers: int = 4

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import jax
 
-from parscale_jax.config import ModelConfig
-from parscale_jax.model import param_info, prefix_slots
+from parscale_jax.model.config import ModelConfig
+from parscale_jax.model.ffn import FFN_TYPES
+from parscale_jax.model.lm import param_info, prefix_slots
 
 
 def _count(cfg: ModelConfig, keep) -> int:
     return sum(info.size for info in jax.tree.leaves(param_info(cfg)) if keep(info))
-
-
-def parscale_extra_params(cfg: ModelConfig) -> int:
-    """The ParScale parameters: prefixes `L·2·P·K·T·H` plus the aggregator `P·D² + D + D·P + P`; zero when P = 1."""
-    return _count(cfg, lambda info: info.parscale)
 
 
 def non_embedding_params(cfg: ModelConfig) -> int:
@@ -27,9 +23,11 @@ def total_params(cfg: ModelConfig) -> int:
     return _count(cfg, lambda info: True)
 
 
-def _layer_matmul_params(cfg: ModelConfig) -> int:
-    D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+def _layer_flops(cfg: ModelConfig) -> int:
+    """Forward matrix-product FLOPs of one token through a layer's projections: q, k, v and o, and
+    the feed-forward block (its registry entry counts its own)."""
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return 2 * (D * N * H + 2 * D * K * H + N * H * D) + FFN_TYPES[cfg.ffn].flops_per_token(cfg)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -41,7 +39,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     P, D, T = cfg.parscale_n, cfg.hidden_size, prefix_slots(cfg)
     attended_keys = T + (seq_len + 1) / 2
     attention = 2 * 2 * cfg.num_heads * cfg.head_dim * attended_keys  # scores and weighted sum
-    per_stream = cfg.num_layers * (2 * _layer_matmul_params(cfg) + attention)
+    per_stream = cfg.num_layers * (_layer_flops(cfg) + attention)
     aggregator = 2 * (P * D * D + D * P) if P > 1 else 0
     lm_head = 2 * D * cfg.vocab_size
     return 3.0 * (P * per_stream + aggregator + lm_head)

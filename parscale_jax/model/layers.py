@@ -106,8 +106,9 @@ def rope_tables(positions_BS: jax.Array, head_dim: int, theta: float) -> tuple[j
     return jnp.cos(angles_BSH), jnp.sin(angles_BSH)
 
 
-def apply_rope(x_BSXH: jax.Array, cos_BSH: jax.Array, sin_BSH: jax.Array) -> jax.Array:
-    half = x_BSXH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BSXH[..., half:], x_BSXH[..., :half]], axis=-1)
-    cos, sin = cos_BSH[:, :, None, :].astype(x_BSXH.dtype), sin_BSH[:, :, None, :].astype(x_BSXH.dtype)
-    return x_BSXH * cos + rotated * sin
+def apply_rope(x: jax.Array, cos_BSH: jax.Array, sin_BSH: jax.Array) -> jax.Array:
+    """Rotate `x`, queries or keys `[..., B, S, heads, H]` (any leading axes, the streams', say)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos_BSH[..., None, :].astype(x.dtype), sin_BSH[..., None, :].astype(x.dtype)
+    return x * cos + rotated * sin

@@ -11,9 +11,13 @@ leading `[L]` axis) and run under one `lax.scan`; the streams are a leading axis
 Training, prefill and decoding all go through `forward`; only the attention mask and the KV source
 differ (attention.py).
 
-Shape suffixes: B batch, S sequence, D hidden, N query heads, K kv heads, G query heads per kv head,
+Shape suffixes (the package's legend): B batch, S sequence (the new tokens), D hidden, N query heads,
+K kv heads, G query heads per kv head, Q the queries of a kv head (G·S, its G heads side by side),
 H head_dim, T prefix tokens, C key/value slots (T + S, or the cache length), P streams, F MLP width,
-V vocab, L layers.
+V vocab, L layers, X the streams' hidden states side by side (P·D); R rows of packed data or of a
+flattened product, W a packed row's window of S + 1 tokens; M, I, O a linear layer's rows, inputs and
+outputs. A lowercase letter is a part of its capital (b a block of queries, h half of H, n a block's
+index), and 1 an axis kept at size 1.
 """
 
 from __future__ import annotations
@@ -38,6 +42,20 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
 }
+
+
+def activation_axes(cfg: ModelConfig) -> dict[str, tuple[int, str]]:
+    """The split logical axes of the activations the model constrains, beyond the batch's rows:
+    {logical axis: (size, what it is)}. With the parameters' declarations, what a mesh must divide."""
+    return {"stream": (cfg.parscale_n, f"the {cfg.parscale_n} streams (model.parscale_n)"),
+            "act_vocab": (cfg.vocab_size, f"the {cfg.vocab_size} logits of a token (model.vocab_size)")}
+
+
+def residual_outputs(cfg: ModelConfig) -> list[tuple[str, ...]]:
+    """The projections whose outputs a layer adds to the residual stream, as paths under `layers`:
+    with them zero, the layer adds nothing (what `upscale --identity` inserts)."""
+    return [("self_attn", *name.split("/")) for name in Attention.OUTPUT_PROJECTIONS] + \
+        [("mlp", *name.split("/")) for name in FFN_TYPES[cfg.ffn].OUTPUT_PROJECTIONS]
 
 
 def prefix_slots(cfg: ModelConfig) -> int:
@@ -157,7 +175,7 @@ class ParScaleLM(nnx.Module):
     def decode(self, tokens_BS, positions_BS, cache: KVCache, visible_BSC,
                layers: tuple[list, list] | None = None) -> tuple[jax.Array, KVCache]:
         """(logits `[B, S, V]`, the updated cache) of S new tokens, written into the cache at
-        `cache.index`; `visible_BSC` says which cache slots each new token sees (generate.py).
+        `cache.index`; `visible_BSC` says which cache slots each new token sees (inference/generate.py).
         `layers` (from `unstack_layers`, with a cache of per-layer arrays) runs the layers as a loop."""
         mask = AttentionMask(visible_BSC=visible_BSC)
         logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, mask, cache, layers)
@@ -217,8 +235,8 @@ class ParScaleLM(nnx.Module):
         g = masks or GrowthMasks()
         dtype = jnp.dtype(self.config.dtype)
         seen_PBSD = h_PBSD if g.streams_P is None else h_PBSD * g.streams_P[:, None, None, None].astype(dtype)
-        x_BSF = jnp.moveaxis(seen_PBSD, 0, 2).reshape(B, S, P * D)
-        hidden_BSD = masked(nnx.silu(x_BSF @ self.aggregate_in_kernel[...].astype(dtype)
+        streams_BSX = jnp.moveaxis(seen_PBSD, 0, 2).reshape(B, S, P * D)  # X: P·D, stream-major
+        hidden_BSD = masked(nnx.silu(streams_BSX @ self.aggregate_in_kernel[...].astype(dtype)
                                      + self.aggregate_in_bias[...].astype(dtype)), g.hidden_D)
         logits_BSP = (hidden_BSD @ self.aggregate_out_kernel[...].astype(dtype)
                       + self.aggregate_out_bias[...].astype(dtype)).astype(jnp.float32)

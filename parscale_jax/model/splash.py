@@ -24,8 +24,19 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 
 from parscale_jax.sharding import rules_for, spec
 
+# The private functions of jax's splash kernels called below (`_splash_attention_forward`, `_bwd`)
+# are those of this release; another may change them without notice.
+SPLASH_JAX = "0.10.2"
 LANES = 128  # splash blocks are whole multiples of the TPU's 128 lanes
 PAD_SEGMENT = -1  # the block-alignment pad: its queries see only the pad, no real query sees it
+
+
+def unsupported() -> str | None:
+    """Why this jax cannot run the kernels below, or None."""
+    if jax.__version__ != SPLASH_JAX:
+        return (f"'splash' calls private functions of jax {SPLASH_JAX}'s splash attention, and this is jax "
+                f"{jax.__version__}: choose blockwise, einsum or dot_product_attention")
+    return None
 
 
 def splash_attention(q_BSNH: jax.Array, k_BCKH: jax.Array, v_BCKH: jax.Array, segment_ids_BS: jax.Array

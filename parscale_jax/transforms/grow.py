@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from parscale_jax.model import init_params, param_info
+from parscale_jax.model import param_info
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.layout import keys_of
 
@@ -36,16 +36,11 @@ def embed(old: jax.Array, new: jax.Array, axes: tuple[str, ...], old_cfg: ModelC
     return jax.lax.dynamic_update_slice(new_x, old_x, (0,) * new_x.ndim).reshape(new.shape)
 
 
-def grow_params(params: dict, old_cfg: ModelConfig, new_cfg: ModelConfig, seed: int) -> dict:
-    """Parameters of `new_cfg`: fresh ones from `seed`, the old ones over their leading blocks (a
-    parameter the old model lacks, e.g. the aggregator when P grows from 1, stays fresh)."""
-    return grow_tree(params, init_params(new_cfg, seed), old_cfg, new_cfg)
-
-
 def grow_tree(old_tree: Any, new_tree: Any, old_cfg: ModelConfig, new_cfg: ModelConfig) -> Any:
     """`new_tree` (parameters, or a train or optimizer state of the new model) with every leaf of
     `old_tree` at the same path written into it: parameter-shaped leaves (found by the parameter path
-    their dict keys spell) over their leading block, the rest (step counts) as they are."""
+    their dict keys spell) over their leading block, the rest (step counts) as they are. A leaf the
+    old model lacks (the aggregator when P grows from 1) keeps its new value."""
     axes_of = {keys_of(path): info.axes for path, info in jax.tree_util.tree_leaves_with_path(param_info(new_cfg))}
     old_leaves = dict(jax.tree_util.tree_leaves_with_path(old_tree))
 

@@ -4,8 +4,9 @@
   its first M, stacked: layers 0 .. n-M-1 then M .. n-1, 2(n - M) in all. Not function-preserving;
   continued pretraining recovers the loss.
 - Identity blocks (`insert=K`, as LLaMA-Pro): the n layers in K even groups, each followed by a copy
-  of its last layer whose output projections (`o_proj`, `down_proj`) are zero, so that every new
-  block adds nothing to the residual stream and the model computes exactly what it did.
+  of its last layer whose output projections (`model.residual_outputs`: attention's `o_proj` and
+  the feed-forward type's own) are zero, so that every new block adds nothing to the residual
+  stream and the model computes exactly what it did.
 
 Every parameter stacked over the layers follows the layer map, ParScale's per-layer prefixes
 included; the embedding, final norm and aggregator are kept. The new run starts from these weights
@@ -15,21 +16,18 @@ with a fresh optimizer and records its lineage.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from parscale_jax.transforms import import_hf as convert
-from parscale_jax.interop import hf
-from parscale_jax.config import Config, load_config, to_dict
+from parscale_jax.config import load_config, to_dict
 from parscale_jax.errors import ConfigError
 from parscale_jax.layout import Layout
-from parscale_jax.runs import Run, check_new, initial_weights
-
-# The projections whose output enters the residual stream: zero in an identity block.
-OUTPUT_PROJECTIONS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+from parscale_jax.model import residual_outputs
+from parscale_jax.runs import Run, check_new, initial_weights, read_source
 
 
 def solar_layers(num_layers: int, drop: int) -> list[int]:
@@ -51,23 +49,6 @@ def identity_layers(num_layers: int, insert: int) -> tuple[list[int], list[bool]
     return layers, inserted
 
 
-def _read_source(source: Path) -> tuple[Config, dict, dict[str, Any]]:
-    """(config, parameters as numpy, lineage) of a run directory or a Hugging Face checkpoint."""
-    if (source / "config.yaml").is_file():
-        run = Run.open(source).settled(None, "upscale")
-        layout = Layout.create(run.config)
-        with jax.set_mesh(layout.mesh):
-            params, step = run.params(layout)
-        return run.config, jax.tree.map(np.asarray, params), {"made_from": "run", "path": str(source.absolute()),
-                                                               "step": step, "parent": run.lineage()}
-    if (source / "config.json").is_file():
-        config, _ = convert.import_config(source, [])
-        _, params = hf.read_hf_checkpoint(source)
-        return config, params, {"made_from": "huggingface", "path": str(source.absolute())}
-    raise ConfigError("--from", f"{source} is neither a run directory (config.yaml) nor a Hugging Face "
-                      "checkpoint (config.json)")
-
-
 def upscale(source: str | Path, out: str | Path, drop: int | None = None, insert: int | None = None,
             overrides: list[str] | None = None) -> dict[str, Any]:
     """Write the up-scaled run `out`; returns a summary with the layer map."""
@@ -75,7 +56,8 @@ def upscale(source: str | Path, out: str | Path, drop: int | None = None, insert
         raise ConfigError("--drop", "choose one: --drop M (SOLAR) or --insert K --identity")
     out = Path(out)
     check_new(out)
-    config, params, lineage = _read_source(Path(source))
+    source = read_source(source, "upscale")
+    config, params = source.config, source.params
     n = config.model.num_layers
     if drop is not None:
         layers, inserted, method = solar_layers(n, drop), [False] * (2 * (n - drop)), "solar"
@@ -83,8 +65,8 @@ def upscale(source: str | Path, out: str | Path, drop: int | None = None, insert
         (layers, inserted), method = identity_layers(n, insert), "identity"
     identity = [i for i, x in enumerate(inserted) if x]
     params = dict(params, layers=jax.tree.map(lambda x: x[np.asarray(layers)], params["layers"]))  # copies
-    for block, projection in OUTPUT_PROJECTIONS:
-        for leaf in jax.tree.leaves(params["layers"][block][projection]):
+    for path in residual_outputs(config.model):
+        for leaf in jax.tree.leaves(functools.reduce(dict.get, path, params["layers"])):
             leaf[identity] = 0
 
     values = to_dict(config)
@@ -93,9 +75,9 @@ def upscale(source: str | Path, out: str | Path, drop: int | None = None, insert
     if dataclasses.replace(new.model, num_layers=n) != dataclasses.replace(config.model, num_layers=n):
         raise ConfigError("overrides", "upscale keeps the model's shape apart from its depth")
     layout = Layout.create(new)
-    transform = {"upscale": method, "layer_map": layers, "identity_layers": identity}
     with jax.set_mesh(layout.mesh):
         initial = initial_weights(layout, params, new.model, np.dtype(new.model.param_dtype))
-        Run.create(out, new, {**lineage, "transform": transform}, initial)
+        Run.create(out, new, initial, "upscale", [source.parent], method=method, layer_map=layers,
+                   identity_layers=identity)
     return {"run_dir": str(out.absolute()), "method": method, "layers": len(layers), "layer_map": layers,
             "identity_layers": identity}
