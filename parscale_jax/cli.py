@@ -108,6 +108,7 @@ def write_json(path: Path, value: dict) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     import jax
 
+    from parscale_jax.layout import resolve_mesh
     from parscale_jax.runs import Run
     from parscale_jax.training.loop import train
 
@@ -116,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = directory / "config.yaml"  # an existing run resumes under its own config, unless told otherwise
     # Validated here, before anything compiles.
     config = load_config(saved if args.config is None and saved.is_file() else args.config or "default", args.overrides)
+    resolve_mesh(config, jax.device_count())  # and the mesh against the devices
     if jax.process_count() > 1 and not args.run_dir:
         raise ConfigError("--run-dir", "a multi-process run needs one --run-dir shared by every process")
     is_main = jax.process_index() == 0
@@ -513,6 +515,15 @@ def _from_library(code_or_traceback) -> bool:
     return False
 
 
+def _late_native_callback(unraisable) -> bool:
+    """A TensorStore thread handing a finished write to the event loop of a save that already
+    failed: native code calls `call_soon_threadsafe` directly, so no Orbax frame is on the stack."""
+    tb = unraisable.exc_traceback
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
 class _LibraryRecords(logging.Filter):
     """Drops log records that Orbax or TensorStore write about their own failed work."""
 
@@ -536,7 +547,8 @@ def _quiet_library_errors() -> None:
 
     def unraisable_hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
-        if not (_from_library(unraisable.exc_traceback) or (code is not None and _from_library(code))):
+        if not (_from_library(unraisable.exc_traceback) or (code is not None and _from_library(code))
+                or _late_native_callback(unraisable)):
             default_unraisable_hook(unraisable)
 
     threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook

@@ -25,7 +25,7 @@ from parscale_jax import sharding
 from parscale_jax.errors import ConfigError
 from parscale_jax.model import ATTENTION_KERNELS, FFN_TYPES, REMAT_POLICIES, activation_axes, param_info
 from parscale_jax.model import splash
-from parscale_jax.model.config import ModelConfig
+from parscale_jax.model.config import ModelConfig, vocab_size_for
 
 
 # The choices a config offers, each listed once. The model's pluggable pieces (model.ffn,
@@ -351,7 +351,7 @@ def load_config(
     values = _merge(values, parse_overrides(overrides or []))
     config = _build(Config, values, "")
     if "vocab_size" not in values.get("model", {}) and config.data.tokenizer != "byte":  # bytes: the default
-        vocab_size = -(-_tokenizer_size(config.data.tokenizer) // 64) * 64
+        vocab_size = vocab_size_for(_tokenizer_size(config.data.tokenizer))
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
     return _absolute_paths(validate(config))
 

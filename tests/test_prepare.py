@@ -140,6 +140,11 @@ def test_prepare_command_with_a_tokenizer_file(sources, tmp_path, capsys):
     # Training with another tokenizer than the one it was prepared with is refused.
     with pytest.raises(DataError, match="prepared with tokenizer 'tokenizer.json', which differs"):
         prepared.open_sources(load_config(overrides=[f"data.sources={tmp_path / 'bpe'}"]).data, 320)
+    # An embedding too small for the tokenizer's ids is refused with the size to set.
+    data = load_config(overrides=[f"data.sources={tmp_path / 'bpe'}", f"data.tokenizer={tmp_path / 'tokenizer.json'}"]).data
+    with pytest.raises(DataError, match=rf"data.sources\[0\] \({tmp_path / 'bpe'}\) holds tokens of {tokenizer.get_vocab_size()} "
+                                        r"ids, more than model.vocab_size=32; set model.vocab_size=64"):
+        prepared.open_sources(data, 32)
 
 
 # --- training on prepared data ---

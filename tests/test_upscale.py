@@ -145,16 +145,16 @@ def test_transforms_read_their_sources_and_check_their_shapes_in_one_place(tmp_p
 
     config = load_config(packaged_config_path("default"), ["model.init_std=0.1"])
     params = jax.tree.map(np.asarray, init_params(config.model, 3))
-    source = read_source(hf.write_hf_checkpoint(tmp_path / "hf", params, config.model, "byte"), "a test")
-    assert source.config.model == config.model and source.parent == {"kind": "huggingface",
-                                                                       "path": str(tmp_path / "hf")}
-    jax.tree.map(np.testing.assert_array_equal, source.params, params)
+    streams = load_config(packaged_config_path("default"), ["model.init_std=0.1", "model.parscale_n=2"]).model
+    streams_params = jax.tree.map(np.asarray, init_params(streams, 3))
+    source = read_source(hf.write_hf_checkpoint(tmp_path / "hf", streams_params, streams, "byte"), "a test")
+    assert source.config.model == streams and source.parent == {"kind": "huggingface", "path": str(tmp_path / "hf")}
+    jax.tree.map(np.testing.assert_array_equal, source.params, streams_params)
     with pytest.raises(ConfigError, match="--from: .*nowhere is neither a run directory"):
         read_source(tmp_path / "nowhere", "a test")
 
     wide = load_config(packaged_config_path("default"), ["model.intermediate_size=384"]).model
     deep = load_config(packaged_config_path("default"), ["model.num_layers=5"]).model
-    streams = load_config(packaged_config_path("default"), ["model.parscale_n=2"]).model
     check_same_shapes({"a": config.model, "b": config.model}, "RUNS")
     with pytest.raises(ConfigError, match=r"RUNS: parameter layers/mlp/down_proj/kernel is \[4, 352, 128\] in a "
                                           r"but \[4, 384, 128\] in wide"):

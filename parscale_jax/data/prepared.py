@@ -33,8 +33,8 @@ from etils import epath
 
 from parscale_jax.config import Config, DataConfig
 from parscale_jax.data.packing import Rows, batches_of, pack_documents, rows_from_tokens, take_rows
-from parscale_jax.data.tokenizer import check_fits
 from parscale_jax.errors import DataError
+from parscale_jax.model.config import vocab_size_for
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # the manifest's format version
@@ -113,8 +113,11 @@ def open_sources(data: DataConfig, vocab_size: int) -> tuple[Source, ...]:
         source = Source(entry.path, manifest)
         if source.num_train_docs == 0:
             raise DataError(f"data.sources[{i}]: {entry.path} holds no training documents")
+        tokens = manifest["tokenizer"]["vocab_size"]
+        if tokens > vocab_size:
+            raise DataError(f"model.vocab_size: data.sources[{i}] ({entry.path}) holds tokens of {tokens} ids, more "
+                            f"than model.vocab_size={vocab_size}; set model.vocab_size={vocab_size_for(tokens)}")
         sources.append(source)
-    check_fits(max(source.manifest["tokenizer"]["vocab_size"] for source in sources), vocab_size)
     return tuple(sources)
 
 

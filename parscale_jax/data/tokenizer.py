@@ -9,6 +9,7 @@ import numpy as np
 import tokenizers
 
 from parscale_jax.errors import DataError
+from parscale_jax.model.config import vocab_size_for
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 
@@ -81,7 +82,7 @@ def check_fits(tokens: int, vocab_size: int) -> None:
     what to set."""
     if tokens > vocab_size:
         raise DataError(f"model.vocab_size: the tokenizer has {tokens} tokens but model.vocab_size is "
-                        f"{vocab_size}; set model.vocab_size={-(-tokens // 64) * 64} (or leave it out of the "
+                        f"{vocab_size}; set model.vocab_size={vocab_size_for(tokens)} (or leave it out of the "
                         "config: it is then the tokenizer's size, rounded up to a multiple of 64)")
 
 

@@ -40,3 +40,9 @@ class ModelConfig:
         # divide the width it stays None, and `validate_model` says so.
         if self.head_dim is None and self.num_heads >= 1 and self.hidden_size % self.num_heads == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+
+
+def vocab_size_for(tokens: int) -> int:
+    """The `vocab_size` for a tokenizer of `tokens` tokens: rounded up to a multiple of 64, so that
+    the embedding and the logits divide the mesh and the matrix units evenly."""
+    return -(-tokens // 64) * 64

@@ -10,18 +10,20 @@ the state alone, so the last good state is still exact.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from parscale_jax.checkpoint import Checkpointer
 from parscale_jax.config import Config, to_dict
 from parscale_jax.data import pipeline
+from parscale_jax.evaluate import held_out_loss
 from parscale_jax.errors import ConfigError, NonFiniteError
 from parscale_jax.growth import Phase, Schedule, StepPlan, describe
 from parscale_jax.layout import Layout
@@ -63,6 +65,15 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
         return last
 
 
+@dataclasses.dataclass
+class _Stop(Exception):
+    """A non-finite step under `train.on_nonfinite=stop`, found by reading the steps' flags."""
+
+    step: int
+    what: str
+    position: Any  # the data position before it
+
+
 class _Loop:
     """One session of the loop over a run's steps: the compiled steps of the current growth phase,
     the steps in flight, the logger and the progress bar."""
@@ -98,7 +109,7 @@ class _Loop:
         self.bar = tqdm(total=t.steps, initial=start, disable=not (self.progress and self.is_main), unit="step",
                         dynamic_ncols=True)
         self.state, self.frozen, self.model, self.phase = state, frozen, self.run.model_at(start), None
-        self.halted = jax.device_put(jnp.zeros((), bool), self.layout.replicated())
+        self.halted = np.zeros((), bool)  # placed on the mesh by the step (replicated), like its output
         last: dict[str, Any] = {}
         # Throughput over the steps since the last log, without the time spent evaluating.
         self.window_start, self.window_tokens, self.window_eval_s = time.perf_counter(), 0, 0.0
@@ -114,28 +125,36 @@ class _Loop:
     def one_step(self, step: int, end: int) -> tuple[dict[str, Any], str | None]:
         """Dispatch the update to `step`; log, evaluate and save where due: (what to log, a stop signal)."""
         t, plan = self.config.train, self.schedule.at(step)
-        if plan.phase != self.phase:  # the first step, a growth stage, or the end of a ramp
-            self.begin_phase(step, plan)
-        # Where a stop on a non-finite step rewinds the data to.
-        position = self.train_iter.get_state() if t.on_nonfinite == "stop" else None
-        self.state, metrics = self.steps.train(self.state, self.frozen, next(self.train_iter), self.halted)
-        self.halted = metrics["halted"]
-        self.pending.append((step, metrics, position))
-        self.window_tokens += t.batch_size * self.config.data.seq_len
-        self.bar.update(1)
-        logs = step % t.log_every == 0 or step == t.steps
-        evaluates = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
-        stop_signal = self.stop_requests.agreed()
-        saves = step % self.config.checkpoint.every == 0 or step == end or stop_signal
-        # The host reads each step's flags a few steps late, so that the device never waits for it;
-        # everything is read before a step is logged, evaluated or saved.
-        self.read_flags(0 if logs or evaluates or saves else STEPS_IN_FLIGHT)
-        record = self.logged(step, metrics, plan) if logs else {}
-        if evaluates:
-            record.update(self.evaluated(step, plan))
-        if saves:
-            self.checkpointer.save(step, self.state, self.train_iter, to_dict(self.config))
-        return record, stop_signal
+        try:
+            if plan.phase != self.phase:  # the first step, a growth stage, or the end of a ramp
+                self.begin_phase(step, plan)
+            # Where a stop on a non-finite step rewinds the data to.
+            position = self.train_iter.get_state() if t.on_nonfinite == "stop" else None
+            self.state, metrics = self.steps.train(self.state, self.frozen, next(self.train_iter), self.halted)
+            self.halted = metrics["halted"]
+            self.pending.append((step, metrics, position))
+            self.window_tokens += t.batch_size * self.config.data.seq_len
+            self.bar.update(1)
+            logs = step % t.log_every == 0 or step == t.steps
+            evaluates = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+            stop_signal = self.stop_requests.agreed()
+            saves = step % self.config.checkpoint.every == 0 or step == end or stop_signal
+            # The host reads each step's flags a few steps late, so that the device never waits for it;
+            # everything is read before a step is logged, evaluated or saved.
+            self.read_flags(0 if logs or evaluates or saves else STEPS_IN_FLIGHT)
+            record = self.logged(step, metrics, plan) if logs else {}
+            if evaluates:
+                record.update(self.evaluated(step, plan))
+            if saves:
+                self.checkpointer.save(step, self.state, self.train_iter, to_dict(self.config))
+            return record, stop_signal
+        except _Stop as stop:  # the steps after the bad one left the state alone (`halted`): save it, stop
+            self.train_iter.set_state(stop.position)
+            if stop.step - 1 not in self.checkpointer.all_steps():
+                self.checkpointer.save(stop.step - 1, self.state, self.train_iter, to_dict(self.config))
+            self.checkpointer.wait()
+            raise NonFiniteError(f"step {stop.step}: non-finite {stop.what}; stopped (train.on_nonfinite=stop) "
+                                 f"with the state of step {stop.step - 1} saved in {self.checkpointer.directory}")
 
     def begin_phase(self, step: int, plan: StepPlan) -> None:
         """Compile the steps of the phase the update to `step` runs in, growing the state first when
@@ -155,18 +174,14 @@ class _Loop:
             self.check(*self.pending.popleft())
 
     def check(self, step: int, metrics: dict, position: Any) -> None:
-        """Act on one finished step's flags: name a skipped update, or stop with the last good state."""
+        """Act on one finished step's flags: name a skipped update, or stop (`_Stop`, which `one_step`
+        turns into the last good state saved and a NonFiniteError)."""
         loss_finite, grads_finite = jax.device_get((metrics["loss_finite"], metrics["grads_finite"]))
         if loss_finite and grads_finite:
             return
         what = "loss" if not loss_finite else "gradients"
-        if self.config.train.on_nonfinite == "stop":  # the steps after it left the state alone (`halted`)
-            self.train_iter.set_state(position)
-            if step - 1 not in self.checkpointer.all_steps():
-                self.checkpointer.save(step - 1, self.state, self.train_iter, to_dict(self.config))
-            self.checkpointer.wait()
-            raise NonFiniteError(f"step {step}: non-finite {what}; stopped (train.on_nonfinite=stop) "
-                                 f"with the state of step {step - 1} saved in {self.checkpointer.directory}")
+        if self.config.train.on_nonfinite == "stop":
+            raise _Stop(step, what, position)
         if self.is_main:
             self.bar.write(f"step {step}: non-finite {what}; update skipped "
                            f"({int(metrics['skipped_steps'])} skipped so far)", file=sys.stderr)
@@ -186,8 +201,8 @@ class _Loop:
     def evaluated(self, step: int, plan: StepPlan) -> dict[str, Any]:
         """The held-out loss of the state after `step` updates (its time left out of the throughput)."""
         eval_start = time.perf_counter()
-        loss = self.steps.held_out_loss(merge_params(self.frozen, self.state["params"]), self.held_out,
-                                        plan.eval_masks())
+        loss = held_out_loss(self.steps.eval_step, merge_params(self.frozen, self.state["params"]), self.held_out,
+                             self.layout, plan.eval_masks())
         self.window_eval_s += time.perf_counter() - eval_start
         return {"step": step, "flops": plan.flops, "eval_loss": loss}
 

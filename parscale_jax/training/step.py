@@ -26,7 +26,6 @@ from parscale_jax.errors import CheckpointError
 from parscale_jax.evaluate import (
     Batch,
     cross_entropy_sums,
-    held_out_loss,
     jit_eval_step,
     model_logits,
     target_log_probs,
@@ -233,10 +232,6 @@ class PhaseSteps:
     def train(self, state: dict, frozen: dict, local_batch: dict, halted: jax.Array) -> tuple[dict, dict]:
         """(the state after one update on `local_batch`, the step's metrics)."""
         return self.train_step(state, frozen, self.layout.put_batch(local_batch, self.config.train.batch_size), halted)
-
-    def held_out_loss(self, params: dict, batches: list[dict], masks: GrowthMasks | None) -> float:
-        """The periodic evaluation: the mean loss of `params` on the held-out `batches`."""
-        return held_out_loss(self.eval_step, params, batches, self.layout, masks)
 
 
 def resume(run: Run, layout: Layout, checkpointer: Checkpointer, train_iter, fallback: bool) -> tuple[int, dict, dict]:
