@@ -22,7 +22,7 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
-from parscale_jax.config import Config, config_file, load_config, read_yaml
+from parscale_jax.config import Config, config_file, load_config, read_yaml, require_trainable
 from parscale_jax.errors import RUN_ERRORS, USER_ERRORS, ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = directory / "config.yaml"  # an existing run resumes under its own config, unless told otherwise
     # Validated here, before anything compiles.
     config = load_config(saved if args.config is None and saved.is_file() else args.config or "default", args.overrides)
+    require_trainable(config)
     resolve_mesh(config, jax.device_count())  # and the mesh against the devices
     if jax.process_count() > 1 and not args.run_dir:
         raise ConfigError("--run-dir", "a multi-process run needs one --run-dir shared by every process")
@@ -171,7 +172,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from parscale_jax.transforms.import_hf import import_checkpoint
 
     base = read_yaml(config_file(args.config)) if args.config else None
-    print(json.dumps(import_checkpoint(args.hf, args.out, args.overrides, base)))
+    print(json.dumps(import_checkpoint(args.hf, args.out, args.overrides, base, args.calibrate, args.calibrate_lr)))
     print(f"train it with: parscale-jax train --run-dir {args.out}")
     return 0
 
@@ -368,12 +369,17 @@ COMMANDS = (
                 overrides("e.g. model.parscale_n=4 to pick that stream set of a dynamic-P run"))),
     Command("info", cmd_info, "what a run holds: steps done, checkpoints, growth, lineage, settings", options=(
         run_dir(),)),
-    Command("import", cmd_import, "turn a Hugging Face Qwen2/Llama/ParScale checkpoint into a run directory",
+    Command("import", cmd_import, "turn a Hugging Face Qwen2/Llama/ParScale checkpoint or GGUF file into a run",
             description="Raise P with model.parscale_n=P (new streams start fresh); train only them with "
                         "train.trainable=parscale. The run can be evaluated, sampled and exported at once (step 0); "
                         "parscale-jax train --run-dir OUT trains it.", options=(
-                option("--hf", required=True, help="a local Hugging Face checkpoint directory (safetensors)"),
+                option("--hf", "--gguf", dest="hf", required=True, metavar="DIR_OR_GGUF",
+                       help="a local Hugging Face checkpoint directory (safetensors) or a GGUF file (Llama, Qwen2)"),
                 out("the run directory to create", required=True),
+                option("--calibrate", type=int, default=0, metavar="N",
+                       help="train the new streams alone for N steps to give the checkpoint's own next-token "
+                            "distribution (KL) before any training (default 0)"),
+                option("--calibrate-lr", type=float, help="Adam's step size for --calibrate (default 1e-3)"),
                 config(None, "data/train settings to start from (a YAML file or shipped config name)"),
                 overrides())),
     Command("upscale", cmd_upscale, "a deeper run from a trained one: SOLAR depth up-scaling or identity blocks",

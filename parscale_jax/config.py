@@ -386,6 +386,13 @@ def from_dict(values: dict[str, Any]) -> Config:
 # Semantic validation.
 
 
+def require_trainable(config: Config) -> None:
+    """Something trains: a PEFT run's P = 1 is its frozen backbone, which may be read (evaluated,
+    sampled, exported) but not trained."""
+    _require(config.train.trainable != "parscale" or config.model.parscale_n > 1, "train.trainable",
+             "'parscale' trains the prefixes and aggregator, which exist only with model.parscale_n > 1")
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(key, message)
@@ -487,8 +494,6 @@ def validate(config: Config) -> Config:
     for name in ("weight_decay", "grad_clip", "z_loss", "eval_every", "eval_batches"):
         _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     _require_one_of(t.trainable, TRAINABLE, "train.trainable")
-    _require(t.trainable != "parscale" or m.parscale_n > 1, "train.trainable",
-             "'parscale' trains the prefixes and aggregator, which exist only with model.parscale_n > 1")
     _require_one_of(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
     _require(0.0 <= t.b1 < 1.0, "train.b1", f"must lie in [0, 1), got {t.b1}")
     _require(0.0 <= t.b2 < 1.0, "train.b2", f"must lie in [0, 1), got {t.b2}")

@@ -41,6 +41,7 @@ from parscale_jax.interop import hf
 from parscale_jax.layout import Layout
 from parscale_jax.model import abstract_params, init_params, merge_params, split_params
 from parscale_jax.model.config import ModelConfig
+from parscale_jax.recycle import with_context_prefixes
 
 # Where the run is laid out, saved and reported: a resumed run computes the same either way.
 FREE_TO_CHANGE = ("mesh.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches")
@@ -86,14 +87,18 @@ class Run:
 
     @classmethod
     def create(cls, directory: str | Path, config: Config, initial: dict[str, dict], made_from: str,
-               parents: Sequence[dict[str, Any]], **details: Any) -> Run:
+               parents: Sequence[dict[str, Any]], files: Mapping[str, str] | None = None, **details: Any) -> Run:
         """A new run that starts from existing weights: `initial` maps "backbone" (and
         "parscale_p<P>" for a stream set) to parameter trees on the mesh. Its lineage says how it was
         made (`made_from`: the transform, with its `details`) and from what: `parents`, each a
         `Source.parent` (several for a merge). Training it, or evaluating it at step 0, starts from
-        these weights."""
+        these weights. `files` (name: text) are written into the run first, e.g. a tokenizer its
+        config names."""
         run = cls(Path(directory), config)
         check_new(run.directory)
+        run.directory.mkdir(parents=True, exist_ok=True)
+        for name, text in (files or {}).items():
+            write_atomic(run.directory / name, text)
         for name, params in initial.items():
             save_params(run.initial_dir / name, params)
         run.save_config()
@@ -202,8 +207,9 @@ class Run:
         """(trained, frozen) parameters a session starts from, on their shardings.
 
         `fresh`: those of step 0: the starting weights in `initial/` where the run has them, fresh
-        ones (seeded by train.seed) for the rest, e.g. the new prefixes and aggregator when P was
-        raised on a P = 1 checkpoint. Else (None, frozen): the trained ones come from a checkpoint,
+        ones (seeded by train.seed) for the rest, e.g. the new aggregator when P was raised on a
+        P = 1 checkpoint, whose new prefixes are the backbone's own keys and values of contexts
+        from the run's data (recycle.py). Else (None, frozen): the trained ones come from a checkpoint,
         the frozen backbone of a PEFT run from `initial/` (it is never checkpointed).
         """
         cfg, backbone_dir = self.config.model, self.initial_dir / "backbone"
@@ -218,6 +224,8 @@ class Run:
             backbone = restore_params(backbone_dir, layout.on_mesh(backbone))
             if (self.initial_dir / f"parscale_p{cfg.parscale_n}").exists():
                 parscale = restore_params(self.initial_dir / f"parscale_p{cfg.parscale_n}", layout.on_mesh(parscale))
+            elif cfg.parscale_n > 1:
+                parscale = with_context_prefixes(parscale, backbone, self.config)
         elif peft:
             raise ConfigError("train.trainable", "'parscale' trains new streams on a pretrained backbone, and "
                               f"{self.directory} has none: start from `parscale-jax import --hf DIR --out "
@@ -271,14 +279,21 @@ ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_la
 
 
 def hf_run_config(directory: Path, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> Config:
-    """The config of a run made from a Hugging Face checkpoint: its shape under `base` (defaults for
-    data and training), its tokenizer, then the overrides, which may not change the architecture."""
-    checkpoint = hf.read_hf_config(directory)
+    """The config of a run made from a Hugging Face checkpoint directory (see `checkpoint_run_config`)."""
+    tokenizer = directory / "tokenizer.json"
+    return checkpoint_run_config(hf.read_hf_config(directory), tokenizer if tokenizer.is_file() else None,
+                                 overrides, base)
+
+
+def checkpoint_run_config(checkpoint: ModelConfig, tokenizer: Path | None, overrides: Sequence[str] = (),
+                          base: dict[str, Any] | None = None) -> Config:
+    """The config of a run made from a checkpoint: its shape under `base` (defaults for data and
+    training), its tokenizer, then the overrides, which may not change the architecture."""
     values = dict(base or {})
     values["model"] = {**values.get("model", {}), **dataclasses.asdict(checkpoint)}
     data = values["data"] = dict(values.get("data", {}))
-    if (directory / "tokenizer.json").is_file():
-        data["tokenizer"] = str((directory / "tokenizer.json").absolute())
+    if tokenizer is not None:
+        data["tokenizer"] = str(tokenizer.absolute())
     # Rows no longer than the model's context, unless asked otherwise.
     data.setdefault("seq_len", min(DataConfig().seq_len, checkpoint.max_position_embeddings))
     config = load_config(base=values, overrides=list(overrides))

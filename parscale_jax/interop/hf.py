@@ -284,13 +284,19 @@ def read_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, An
                     tensors[key] = f.get_tensor(key)
         except (OSError, SafetensorError) as err:  # missing, truncated or not safetensors at all
             raise ConfigError("--hf", f"{directory / name} cannot be read: {err}") from None
+    return cfg, checked_params_from_hf(tensors, cfg, directory, "config.json")
+
+
+def checked_params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: Path, config_name: str) -> dict:
+    """`params_from_hf` once every tensor the config implies is there in its shape; else a one-line
+    error naming the checkpoint (`where`) and what holds its config."""
     for t in hf_tensors(cfg):
         if t.name not in tensors:
-            raise ConfigError("--hf", f"{directory} lacks tensor {t.name} that its config.json implies")
+            raise ConfigError("--hf", f"{where} lacks tensor {t.name} that its {config_name} implies")
         if tensors[t.name].shape != t.shape:
-            raise ConfigError("--hf", f"{directory}: tensor {t.name} has shape {list(tensors[t.name].shape)}, but "
-                              f"config.json implies {list(t.shape)}")
-    return cfg, params_from_hf(tensors, cfg)
+            raise ConfigError("--hf", f"{where}: tensor {t.name} has shape {list(tensors[t.name].shape)}, but "
+                              f"its {config_name} implies {list(t.shape)}")
+    return params_from_hf(tensors, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
