@@ -41,7 +41,7 @@ from parscale_jax.interop import hf
 from parscale_jax.layout import Layout
 from parscale_jax.model import abstract_params, init_params, merge_params, split_params
 from parscale_jax.model.config import ModelConfig
-from parscale_jax.recycle import with_context_prefixes
+from parscale_jax.recycle import new_stream_set
 
 # Where the run is laid out, saved and reported: a resumed run computes the same either way.
 FREE_TO_CHANGE = ("mesh.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches")
@@ -209,7 +209,7 @@ class Run:
         `fresh`: those of step 0: the starting weights in `initial/` where the run has them, fresh
         ones (seeded by train.seed) for the rest, e.g. the new aggregator when P was raised on a
         P = 1 checkpoint, whose new prefixes are the backbone's own keys and values of contexts
-        from the run's data (recycle.py). Else (None, frozen): the trained ones come from a checkpoint,
+        from the run's data where those keep its function better (recycle.py). Else (None, frozen): the trained ones come from a checkpoint,
         the frozen backbone of a PEFT run from `initial/` (it is never checkpointed).
         """
         cfg, backbone_dir = self.config.model, self.initial_dir / "backbone"
@@ -225,7 +225,7 @@ class Run:
             if (self.initial_dir / f"parscale_p{cfg.parscale_n}").exists():
                 parscale = restore_params(self.initial_dir / f"parscale_p{cfg.parscale_n}", layout.on_mesh(parscale))
             elif cfg.parscale_n > 1:
-                parscale = with_context_prefixes(parscale, backbone, self.config)
+                parscale = new_stream_set(parscale, backbone, self.config)
         elif peft:
             raise ConfigError("train.trainable", "'parscale' trains new streams on a pretrained backbone, and "
                               f"{self.directory} has none: start from `parscale-jax import --hf DIR --out "
