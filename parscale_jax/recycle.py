@@ -63,10 +63,11 @@ def context_prefixes(backbone: dict, config: Config, contexts_PT: np.ndarray) ->
     stream's context, the keys rotated to positions -T .. -1."""
     cfg = dataclasses.replace(config.model, parscale_n=1)
     P, T = contexts_PT.shape
-    model = nnx.merge(model_graphdef(cfg), nnx.State(backbone))
+    graphdef = model_graphdef(cfg)
 
     @jax.jit
-    def prefill(tokens_PT):
+    def prefill(backbone, tokens_PT):
+        model = nnx.merge(graphdef, nnx.State(backbone))
         positions_PT = jnp.broadcast_to(jnp.arange(T), (P, T))
         causal_PTT = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (P, T, T))
         _, cache = model.decode(tokens_PT, positions_PT, model.init_cache(P, T), causal_PTT)
@@ -76,7 +77,7 @@ def context_prefixes(backbone: dict, config: Config, contexts_PT: np.ndarray) ->
         k_LPTKH = apply_rope(k_LPTKH, cos_PTH, sin_PTH)
         return k_LPTKH.transpose(0, 1, 3, 2, 4), v_LPTKH.transpose(0, 1, 3, 2, 4)
 
-    return prefill(jnp.asarray(contexts_PT))
+    return prefill(backbone, jnp.asarray(contexts_PT))
 
 
 def with_context_prefixes(parscale: dict, backbone: dict, config: Config, batch: dict[str, np.ndarray]) -> dict:
@@ -91,22 +92,17 @@ def with_context_prefixes(parscale: dict, backbone: dict, config: Config, batch:
     return {**parscale, "layers": layers}
 
 
-def divergence_from_backbone(streams: dict, backbone: dict, config: Config, batch: dict[str, np.ndarray]) -> float:
-    """KL divergence of the model with `streams` from the backbone alone, nats per target token of `batch`."""
-    base_graphdef = model_graphdef(dataclasses.replace(config.model, parscale_n=1))
-    graphdef = model_graphdef(config.model)
-
-    @jax.jit
-    def kl(streams, backbone, batch):
-        inputs = (batch["tokens"], batch["positions"], batch["segment_ids"])
-        base_BSV = jax.nn.log_softmax(nnx.merge(base_graphdef, nnx.State(backbone))(*inputs)[0].astype(jnp.float32))
-        ours_BSV = jax.nn.log_softmax(nnx.merge(graphdef, nnx.State(merge_params(backbone, streams)))(*inputs)[0]
-                                      .astype(jnp.float32))
-        kl_BS = jnp.sum(jnp.exp(base_BSV) * (base_BSV - ours_BSV), axis=-1)
-        mask_BS = batch["loss_mask"].astype(jnp.float32)
-        return jnp.sum(kl_BS * mask_BS) / jnp.maximum(jnp.sum(mask_BS), 1.0)
-
-    return float(kl(streams, backbone, batch))
+def kl_from_backbone(streams: dict, backbone: dict, config: Config, batch: dict) -> jax.Array:
+    """KL divergence of the model with `streams` from the backbone alone, nats per target token of
+    `batch` (differentiable in `streams`; the backbone's side is held fixed)."""
+    inputs = (batch["tokens"], batch["positions"], batch["segment_ids"])
+    base = nnx.merge(model_graphdef(dataclasses.replace(config.model, parscale_n=1)), nnx.State(backbone))
+    ours = nnx.merge(model_graphdef(config.model), nnx.State(merge_params(backbone, streams)))
+    base_BSV = jax.lax.stop_gradient(jax.nn.log_softmax(base(*inputs)[0].astype(jnp.float32)))
+    ours_BSV = jax.nn.log_softmax(ours(*inputs)[0].astype(jnp.float32))
+    kl_BS = jnp.sum(jnp.exp(base_BSV) * (base_BSV - ours_BSV), axis=-1)
+    mask_BS = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(kl_BS * mask_BS) / jnp.maximum(jnp.sum(mask_BS), 1.0)
 
 
 def new_stream_set(fresh: dict, backbone: dict, config: Config) -> dict:
@@ -116,4 +112,5 @@ def new_stream_set(fresh: dict, backbone: dict, config: Config) -> dict:
     a barely trained one can keep random ones, which then cost it less than any context."""
     batch = first_batch(config)
     context = with_context_prefixes(fresh, backbone, config, batch)
-    return min((context, fresh), key=lambda streams: divergence_from_backbone(streams, backbone, config, batch))
+    divergence = jax.jit(lambda streams, backbone, batch: kl_from_backbone(streams, backbone, config, batch))
+    return min((context, fresh), key=lambda streams: float(divergence(streams, backbone, batch)))

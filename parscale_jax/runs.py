@@ -209,8 +209,9 @@ class Run:
         `fresh`: those of step 0: the starting weights in `initial/` where the run has them, fresh
         ones (seeded by train.seed) for the rest, e.g. the new aggregator when P was raised on a
         P = 1 checkpoint, whose new prefixes are the backbone's own keys and values of contexts
-        from the run's data where those keep its function better (recycle.py). Else (None, frozen): the trained ones come from a checkpoint,
-        the frozen backbone of a PEFT run from `initial/` (it is never checkpointed).
+        from the run's data where those keep its function better (recycle.py). Else (None,
+        frozen): the trained ones come from a checkpoint, the frozen backbone of a PEFT run from
+        `initial/` (it is never checkpointed).
         """
         cfg, backbone_dir = self.config.model, self.initial_dir / "backbone"
         peft = self.config.train.trainable == "parscale"

@@ -1,1 +1,3 @@
-"""New runs (and train states) from existing weights: a Hugging Face checkpoint imported (import_hf.py), a deeper model (upscale.py), a train state grown to a larger model (grow.py)."""
+"""New runs (and train states) from existing weights: a Hugging Face checkpoint or GGUF file
+imported (import_hf.py, with calibrate.py for its new streams), a deeper model (upscale.py), a
+train state grown to a larger model (grow.py)."""

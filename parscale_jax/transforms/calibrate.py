@@ -8,18 +8,16 @@ calibration steps take it out while the streams stay different from each other.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from parscale_jax.data import pipeline
 from parscale_jax.errors import ConfigError
-from parscale_jax.evaluate import model_logits
 from parscale_jax.layout import Layout
-from parscale_jax.model import merge_params, model_graphdef, split_params
+from parscale_jax.model import merge_params, split_params
+from parscale_jax.recycle import kl_from_backbone
 from parscale_jax.runs import Run
 
 # Adam's step size (measured on SmolLM2-135M: docs/recycling.md).
@@ -35,28 +33,17 @@ def calibrate(run: Run, layout: Layout, steps: int, lr: float = CALIBRATION_LR) 
         raise ConfigError("--calibrate", "there are no streams to calibrate: set model.parscale_n > 1")
     trained, frozen = run.start_weights(layout)
     streams, backbone = split_params(merge_params(trained, frozen), config.model)
-    graphdef = model_graphdef(config.model)
-    base_graphdef = model_graphdef(dataclasses.replace(config.model, parscale_n=1))
     optimizer = optax.adam(lr)
 
-    def kl(streams, batch):
-        base_BSV, _ = model_logits(backbone, base_graphdef, batch)
-        ours_BSV, _ = model_logits(merge_params(backbone, streams), graphdef, batch)
-        base_BSV = jax.nn.log_softmax(jax.lax.stop_gradient(base_BSV))
-        kl_BS = jnp.sum(jnp.exp(base_BSV) * (base_BSV - jax.nn.log_softmax(ours_BSV)), axis=-1)
-        mask_BS = batch["loss_mask"].astype(jnp.float32)
-        return jnp.sum(kl_BS * mask_BS) / jnp.maximum(jnp.sum(mask_BS), 1.0)
-
     @jax.jit
-    def step(streams, opt_state, batch):
-        value, grads = jax.value_and_grad(kl)(streams, batch)
+    def step(streams, opt_state, backbone, batch):
+        value, grads = jax.value_and_grad(kl_from_backbone)(streams, backbone, config, batch)
         updates, opt_state = optimizer.update(grads, opt_state, streams)
         return optax.apply_updates(streams, updates), opt_state, value
 
-    rows = layout.process_rows(config.train.batch_size)
-    batches = layout.placed(itertools.islice(pipeline.train_dataset(config, rows), steps), config.train.batch_size)
+    batches = layout.placed(itertools.islice(pipeline.train_dataset(config), steps), config.train.batch_size)
     opt_state, divergences = optimizer.init(streams), []
     for batch in batches:
-        streams, opt_state, value = step(streams, opt_state, batch)
+        streams, opt_state, value = step(streams, opt_state, backbone, batch)
         divergences.append(float(value))
     return streams, divergences
