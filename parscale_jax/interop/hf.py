@@ -295,7 +295,7 @@ def checked_params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, whe
             raise ConfigError("--hf", f"{where} lacks tensor {t.name} that its {config_name} implies")
         if tensors[t.name].shape != t.shape:
             raise ConfigError("--hf", f"{where}: tensor {t.name} has shape {list(tensors[t.name].shape)}, but "
-                              f"its {config_name} implies {list(t.shape)}")
+                              f"{config_name} implies {list(t.shape)}")
     return params_from_hf(tensors, cfg)
 
 

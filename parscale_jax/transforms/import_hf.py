@@ -43,7 +43,7 @@ def _read(path: Path, run_dir: Path, overrides: list[str], base: dict[str, Any] 
     files = {} if file.tokenizer_json is None else {"tokenizer.json": file.tokenizer_json}
     config = checkpoint_run_config(checkpoint, run_dir / "tokenizer.json" if files else None, overrides, base)
     require_trainable(config)
-    params = hf.checked_params_from_hf(file.tensors(), checkpoint, path, "metadata")
+    params = hf.checked_params_from_hf(file.tensors(), checkpoint, path, "GGUF metadata")
     return config, checkpoint, params, {"kind": "gguf", "path": str(path.absolute())}, files
 
 
