@@ -530,12 +530,28 @@ def _late_native_callback(unraisable) -> bool:
             and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
 
 
+# The codes of the absl status that TensorStore turns into a Python exception's "CODE: message".
+STATUS_CODES = ("CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+                "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+                "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+
+
+def _native_status(err: BaseException | None) -> bool:
+    """An error TensorStore's native code set on an asyncio future: never raised in Python (so no
+    traceback) and worded as an absl status."""
+    return (err is not None and err.__traceback__ is None
+            and str(err).split(":", 1)[0] in STATUS_CODES)
+
+
 class _LibraryRecords(logging.Filter):
-    """Drops log records that Orbax or TensorStore write about their own failed work."""
+    """Drops log records that Orbax or TensorStore write about their own failed work, including
+    asyncio's report of a TensorStore write whose failure no one awaited once the save had failed."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
         return not (any(part in record.pathname for part in LIBRARY_PATHS)
-                    or (record.exc_info and _from_library(record.exc_info[2])))
+                    or (record.exc_info and _from_library(record.exc_info[2]))
+                    or (record.name == "asyncio" and _native_status(err)))
 
 
 def _quiet_library_errors() -> None:

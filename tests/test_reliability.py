@@ -283,7 +283,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(reference, tmp_
 
 
 ABANDONED_WORK = """
-import sys, threading
+import asyncio, sys, threading
 from parscale_jax import cli
 if sys.argv[1] == "quiet":
     cli._quiet_library_errors()
@@ -296,6 +296,9 @@ abandoned = library["write_fragment"]()
 thread = threading.Thread(target=library["fail"])
 thread.start()
 thread.join()
+# A TensorStore write that failed after the save did, its error set from native code (no traceback).
+loop = asyncio.new_event_loop()
+loop.create_future().set_exception(ValueError("OUT_OF_RANGE: Error writing local file: File too large"))
 if sys.argv[2] == "ours":  # and failures of our own: in a thread, and where Python cannot raise
     thread = threading.Thread(target=lambda: {}["missing key"])
     thread.start()
@@ -304,6 +307,11 @@ if sys.argv[2] == "ours":  # and failures of our own: in a thread, and where Pyt
         def __del__(self):
             raise ValueError("from __del__")
     Leaky()
+    try:  # an error of ours that no one awaited
+        raise ValueError("never retrieved")
+    except ValueError as err:
+        loop.create_future().set_exception(err)
+import gc; gc.collect()
 """
 
 
@@ -314,12 +322,13 @@ def test_only_what_a_failed_save_leaves_behind_is_silent_without_debug(mode, fai
     err = subprocess.run([sys.executable, "-c", ABANDONED_WORK, mode, failures], capture_output=True, text=True,
                          env=subprocess_env(), timeout=SUBPROCESS_TIMEOUT).stderr
     if mode == "debug":
-        assert "ZeroDivisionError" in err and "was never awaited" in err
+        assert "ZeroDivisionError" in err and "was never awaited" in err and "OUT_OF_RANGE" in err
     elif failures == "library":
         assert err == ""
     else:
-        assert "ZeroDivisionError" not in err and "never awaited" not in err
+        assert "ZeroDivisionError" not in err and "never awaited" not in err and "OUT_OF_RANGE" not in err
         assert "KeyError: 'missing key'" in err and "ValueError: from __del__" in err
+        assert "ValueError: never retrieved" in err
 
 
 # --- Non-finite loss or gradients ---------------------------------------------------------------
