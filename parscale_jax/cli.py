@@ -72,6 +72,16 @@ def overrides(help: str | None = None) -> Option:
 NO_PROGRESS = option("--no-progress", action="store_true", help="no progress bars")
 
 
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got '{text}'")
+    return values
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -249,6 +259,22 @@ def cmd_bench_growth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_recycle(args: argparse.Namespace) -> int:
+    from parscale_jax.analysis import bench_recycle
+
+    base = read_yaml(config_file(args.config)) if args.config else None
+    started = time.perf_counter()
+    result = bench_recycle.run(Path(args.hf), Path(args.work), args.overrides, base, args.streams, args.lr,
+                               args.peft_lr, progress=not args.no_progress)
+    result.update(seconds=round(time.perf_counter() - started, 1), source=args.hf, config=args.config,
+                  overrides=args.overrides)
+    path = write_json(Path(args.out) / "recycle.json", result)
+    print(f"== recycle ({result['seconds']} s; {path})")
+    print(bench_recycle.format_report(result))
+    plot_or_say(lambda: bench_recycle.plot(result, Path(args.out) / "recycle.png"))
+    return 0
+
+
 def cmd_fit_law(args: argparse.Namespace) -> int:
     from parscale_jax.analysis import scaling_law
 
@@ -370,7 +396,9 @@ COMMANDS = (
     Command("info", cmd_info, "what a run holds: steps done, checkpoints, growth, lineage, settings", options=(
         run_dir(),)),
     Command("import", cmd_import, "turn a Hugging Face Qwen2/Llama/ParScale checkpoint or GGUF file into a run",
-            description="Raise P with model.parscale_n=P (new streams start fresh); train only them with "
+            description="Raise P with model.parscale_n=P (new streams start from the model's own keys and "
+                        "values of contexts from the data, or fresh where that keeps its function better); "
+                        "train only them with "
                         "train.trainable=parscale. The run can be evaluated, sampled and exported at once (step 0); "
                         "parscale-jax train --run-dir OUT trains it.", options=(
                 option("--hf", "--gguf", dest="hf", required=True, metavar="DIR_OR_GGUF",
@@ -424,7 +452,23 @@ COMMANDS = (
                                    help="where the two runs go (resumed if there)"),
                             out("where growth.json and growth.png go", default="bench/results"),
                             NO_PROGRESS,
-                            overrides())))),
+                            overrides())),
+                Command("recycle", cmd_bench_recycle, "a pretrained model with P streams (all parameters "
+                        "trained, or PEFT) against the model alone trained on the same tokens: held-out loss "
+                        "against tokens, each at its best learning rate", options=(
+                            option("--hf", "--gguf", dest="hf", required=True, metavar="DIR_OR_GGUF",
+                                   help="the pretrained checkpoint (as for import)"),
+                            option("--streams", type=int_list, default=(2, 4), help="values of P above 1"),
+                            option("--lr", type=float_list, default=(3e-5, 1e-4),
+                                   help="learning rates of the full runs (P = 1 and P streams)"),
+                            option("--peft-lr", type=float_list, default=(1e-3, 3e-3),
+                                   help="learning rates of the PEFT runs"),
+                            config(None, "data/train settings (a YAML file or shipped config name)"),
+                            option("--work", default="bench/recycle-work",
+                                   help="where the runs go (resumed if there)"),
+                            out("where recycle.json and recycle.png go", default="bench/results"),
+                            NO_PROGRESS,
+                            overrides("data/train settings, e.g. train.steps=200 train.eval_every=25"))))),
     Command("fit-law", cmd_fit_law, "fit the parallel scaling law L = (A / (N (k ln P + 1)))^alpha + E to measured "
             "losses", description="RESULTS is a CSV with columns non_embedding_params (or N), P and final_loss (or "
             "eval_loss, loss). The fit is the paper's: Huber loss on log losses, L-BFGS-B from a grid of starts.",

@@ -69,13 +69,13 @@ def held_out(tmp_path_factory) -> Path:
     return path
 
 
-def held_out_loss(run: Run, text: Path, params: dict | None = None) -> float:
-    """Mean loss on `text` of the run's step-0 weights (or `params`)."""
+def held_out_loss(run: Run, text: Path, params: dict | None = None, limit: int = 0) -> float:
+    """Mean loss on `text` (its first `limit` batches, if > 0) of the run's step-0 weights (or `params`)."""
     layout = Layout.create(run.config)
     with jax.set_mesh(layout.mesh):
         if params is None:
             params, _ = run.params(layout, 0)
-        batches = placed_eval_batches(run.config, layout, text_rows(run, str(text)))
+        batches = placed_eval_batches(run.config, layout, text_rows(run, str(text)), limit)
         return mean_loss(jit_eval_step(model_graphdef(run.config.model), layout, params), params, batches)[0]
 
 
@@ -121,16 +121,20 @@ def test_new_streams_keep_what_the_real_model_knows(recycled, held_out):
         prefix_k = np.asarray(streams["layers"]["self_attn"]["prefix_k"])  # [L, P, K, T, H]
         fresh, _ = split_params(init_params(run.config.model, 0), run.config.model)
     assert all(not np.array_equal(prefix_k[:, 0], prefix_k[:, p]) for p in range(1, 4))
-    assert held_out_loss(run, held_out, merge_params(backbone, fresh)) - base > 0.3
+    # A gap this wide shows on one batch (measured 0.8-1.1 nats: docs/recycling.md).
+    assert held_out_loss(run, held_out, merge_params(backbone, fresh), limit=1) - base > 0.3
 
 
 def test_peft_streams_on_the_real_model_train_below_the_base(recycled):
     """A few steps of the new streams alone (backbone frozen) on the run's data lower its held-out
-    loss below the base's (docs/recycling.md: 3.800 -> 3.654 after 8 such steps, on 4 held-out batches)."""
+    loss, below the base's (docs/recycling.md: base 3.800, step 0 3.790, 3.654 after 8 such steps,
+    on 4 held-out batches)."""
     base = evaluate_run(Run.open(recycled, ["model.parscale_n=1"]), limit=2)["loss"]
-    train(Run.open(recycled, ["train.steps=6", "train.lr=3e-3"]).config, recycled, progress=False,
+    start = evaluate_run(Run.open(recycled), limit=2, step=0)["loss"]
+    train(Run.open(recycled, ["train.steps=4", "train.lr=3e-3"]).config, recycled, progress=False,
           override_config=True)
-    assert evaluate_run(Run.open(recycled), limit=2)["loss"] < base
+    trained = evaluate_run(Run.open(recycled), limit=2)["loss"]
+    assert trained < start - 0.02 and trained < base, (base, start, trained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +213,8 @@ def test_calibration_trains_only_the_new_streams(tiny, tmp_path):
     import_checkpoint(hf_dir, plain, settings)
     assert set(summary["calibration_kl"]) == {"first", "last"}
     assert json.loads((calibrated / "lineage.json").read_text())["calibration_steps"] == 3
-    assert sorted(p.name for p in (calibrated / "initial").iterdir()) == ["backbone", "parscale_p2"]
+    for run_dir in (plain, calibrated):  # the new stream set is chosen once, at import
+        assert sorted(p.name for p in (run_dir / "initial").iterdir()) == ["backbone", "parscale_p2"]
     weights = []
     for run_dir in (plain, calibrated):
         run = Run.open(run_dir)
@@ -220,6 +225,36 @@ def test_calibration_trains_only_the_new_streams(tiny, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, backbone, plain_backbone)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), streams, plain_streams)))
     assert main(["train", "--run-dir", str(calibrated), "--no-progress"]) == 0
+
+
+def test_bench_recycle_compares_the_variants_at_their_best_learning_rates(tiny, tmp_path, capsys):
+    """Every variant is imported and trained at each learning rate of its sweep; its curve starts
+    at the imported weights, and the report names the best rate. A second call finds every run done."""
+    hf_dir, _ = tiny
+    args = ["bench", "recycle", "--hf", str(hf_dir), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--streams", "2", "--lr", "1e-2,1e-6", "--peft-lr", "1e-2", "--no-progress", "data.seq_len=32",
+            "train.batch_size=4", "train.steps=4", "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=2"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "out" / "recycle.json").read_text())
+    assert set(result["best"]) == {"p1_full", "p2_full", "p2_peft"}
+    assert sorted(result["sweeps"]["p1_full"]) == ["0.01", "1e-06"]
+    runs = sorted(p.name for p in (tmp_path / "work").iterdir())
+    assert runs == ["p1_full_lr0.01", "p1_full_lr1e-06", "p2_full_lr0.01", "p2_full_lr1e-06", "p2_peft_lr0.01"]
+    base = evaluate_run(Run.open(tmp_path / "work" / "p1_full_lr0.01"), limit=2, step=0)["loss"]
+    assert result["base_loss"] == pytest.approx(base, abs=1e-6)
+    for name, best in result["best"].items():
+        assert [p["step"] for p in best["curve"]] == [0, 2, 4], name
+        assert [p["tokens"] for p in best["curve"]] == [0, 2 * 4 * 32, 4 * 4 * 32]
+        finals = {lr: curve[-1]["eval_loss"] for lr, curve in result["sweeps"][name].items()}
+        assert best["final_loss"] == min(finals.values()) and finals[f"{best['lr']:g}"] == best["final_loss"]
+    assert result["best"]["p1_full"]["lr"] == 1e-2  # 1e-6 hardly moves in 4 steps
+    assert result["best"]["p1_full"]["final_loss"] < base
+    # Both P = 2 variants start from the one stream set the import chose.
+    assert result["best"]["p2_full"]["curve"][0] == result["best"]["p2_peft"]["curve"][0]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "training" in capsys.readouterr().out  # each run is opened, and found complete
+    assert json.loads((tmp_path / "out" / "recycle.json").read_text())["best"] == result["best"]
 
 
 @pytest.mark.parametrize("damage,fragments", [

@@ -13,26 +13,20 @@ import itertools
 import jax
 import optax
 
+from parscale_jax.config import Config
 from parscale_jax.data import pipeline
-from parscale_jax.errors import ConfigError
 from parscale_jax.layout import Layout
-from parscale_jax.model import merge_params, split_params
 from parscale_jax.recycle import kl_from_backbone
-from parscale_jax.runs import Run
 
 # Adam's step size (measured on SmolLM2-135M: docs/recycling.md).
 CALIBRATION_LR = 1e-3
 
 
-def calibrate(run: Run, layout: Layout, steps: int, lr: float = CALIBRATION_LR) -> tuple[dict, list[float]]:
-    """(the run's stream set after `steps` Adam steps that train only it to give the backbone's
+def calibrate(config: Config, layout: Layout, streams: dict, backbone: dict, steps: int,
+              lr: float = CALIBRATION_LR) -> tuple[dict, list[float]]:
+    """(`streams` after `steps` Adam steps that train only them to give the `backbone`'s own
     next-token distribution, the KL divergence of each step, nats per token). The batches are the
     run's first training batches; the backbone does not change."""
-    config = run.config
-    if config.model.parscale_n == 1:
-        raise ConfigError("--calibrate", "there are no streams to calibrate: set model.parscale_n > 1")
-    trained, frozen = run.start_weights(layout)
-    streams, backbone = split_params(merge_params(trained, frozen), config.model)
     optimizer = optax.adam(lr)
 
     @jax.jit

@@ -3,7 +3,8 @@ a directory) or a GGUF file (Llama or Qwen2, dequantized to float32).
 
 The run's starting weights are the checkpoint's: its backbone, and its own prefix+aggregator set
 if it has streams. It can be evaluated, sampled and exported at once; `parscale-jax train --run-dir
-RUN` continues from those weights, adding fresh streams when P was raised (the paper's stage 2).
+RUN` continues from those weights. When P was raised (the paper's stage 2), the new stream set is
+chosen (recycle.py) and, with `--calibrate N`, calibrated here, and saved as the run's own.
 A GGUF file's tokenizer is written into the run as `tokenizer.json`.
 """
 
@@ -21,6 +22,7 @@ from parscale_jax.errors import ConfigError
 from parscale_jax.interop import hf
 from parscale_jax.interop.gguf import GGUFFile
 from parscale_jax.layout import Layout
+from parscale_jax.model import merge_params, split_params
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.transforms.calibrate import CALIBRATION_LR
 from parscale_jax.transforms.calibrate import calibrate as calibrate_streams
@@ -74,8 +76,11 @@ def import_checkpoint(hf_path: str | Path, run_dir: str | Path, overrides: list[
         run = Run.create(run_dir, config, initial, "import", [parent], files=files,
                          checkpoint_streams=checkpoint.parscale_n, new_streams=new_streams,
                          calibration_steps=calibrate)
-        if calibrate:
-            streams, divergences = calibrate_streams(run, layout, calibrate, calibrate_lr or CALIBRATION_LR)
+        if new_streams:  # chosen once here (recycle.py), not again by every reader of step 0
+            streams, backbone = split_params(merge_params(*run.start_weights(layout)), model)
+            if calibrate:
+                streams, divergences = calibrate_streams(config, layout, streams, backbone, calibrate,
+                                                         calibrate_lr or CALIBRATION_LR)
+                summary["calibration_kl"] = {"first": divergences[0], "last": divergences[-1]}
             save_params(run.initial_dir / f"parscale_p{model.parscale_n}", streams)
-            summary["calibration_kl"] = {"first": divergences[0], "last": divergences[-1]}
     return summary
