@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale_jax.analysis import plotting
+from parscale_jax.checkpoint import complete_steps
 from parscale_jax.errors import ConfigError
 from parscale_jax.evaluate import evaluate_run
 from parscale_jax.files import write_atomic
@@ -65,9 +66,11 @@ def run(source: Path, work: Path, overrides: list[str], base: dict[str, Any] | N
             if not (run_dir / "config.yaml").exists():
                 settings = [*overrides, f"model.parscale_n={p}", f"train.trainable={trainable}", f"train.lr={lr}"]
                 import_checkpoint(source, run_dir, settings, base)
-            print(f"{name} lr {lr:g}: training {run_dir}", flush=True)
             the_run = Run.open(run_dir)
-            train(the_run.config, run_dir, progress=progress)
+            done = max(complete_steps(the_run.checkpoint_dir), default=0) >= the_run.config.train.steps
+            print(f"{name} lr {lr:g}: {'finished already' if done else 'training'} {run_dir}", flush=True)
+            if not done:
+                train(the_run.config, run_dir, progress=progress)
             sweeps[name][f"{lr:g}"] = curve(the_run)
     return summarize(sweeps)
 
