@@ -63,6 +63,13 @@ def initial_weights(layout: Layout, params: dict, cfg, dtype) -> dict[str, dict]
     return initial
 
 
+def fresh_params(config: Config, layout: Layout) -> dict:
+    """Every parameter of the run's model freshly initialized (seeded by train.seed) on `layout`."""
+    cfg = config.model
+    return jax.jit(lambda: init_params(cfg, config.train.seed),
+                   out_shardings=layout.param_shardings(abstract_params(cfg)))()
+
+
 def partition_trainable(params: dict, config: Config) -> tuple[dict, dict]:
     """(trained, frozen) parameters: with `train.trainable=parscale` only the prefixes and the
     aggregator train and the backbone is frozen; otherwise everything trains."""
@@ -218,9 +225,7 @@ class Run:
         if not fresh:
             _, backbone = split_params(abstract_params(cfg), cfg)
             return None, restore_params(backbone_dir, layout.on_mesh(backbone)) if peft else {}
-        params = jax.jit(lambda: init_params(cfg, self.config.train.seed),
-                         out_shardings=layout.param_shardings(abstract_params(cfg)))()
-        parscale, backbone = split_params(params, cfg)
+        parscale, backbone = split_params(fresh_params(self.config, layout), cfg)
         if backbone_dir.exists():
             backbone = restore_params(backbone_dir, layout.on_mesh(backbone))
             if (self.initial_dir / f"parscale_p{cfg.parscale_n}").exists():

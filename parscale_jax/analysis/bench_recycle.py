@@ -56,8 +56,6 @@ def run(source: Path, work: Path, overrides: list[str], base: dict[str, Any] | N
         lrs: tuple[float, ...], peft_lrs: tuple[float, ...], progress: bool = True) -> dict[str, Any]:
     """Import and train every variant at every learning rate of its sweep in `work` (finishing runs
     already there); the curves, and each variant's best learning rate."""
-    if not source.exists():
-        raise ConfigError("--hf", f"{source} does not exist")
     sweeps: dict[str, dict[str, list]] = {}
     for name, (p, trainable) in variants(streams).items():
         sweeps[name] = {}

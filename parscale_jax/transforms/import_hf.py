@@ -22,11 +22,13 @@ from parscale_jax.errors import ConfigError
 from parscale_jax.interop import hf
 from parscale_jax.interop.gguf import GGUFFile
 from parscale_jax.layout import Layout
-from parscale_jax.model import merge_params, split_params
+from parscale_jax.model import split_params
 from parscale_jax.model.config import ModelConfig
+from parscale_jax.recycle import new_stream_set
 from parscale_jax.transforms.calibrate import CALIBRATION_LR
 from parscale_jax.transforms.calibrate import calibrate as calibrate_streams
-from parscale_jax.runs import Run, checkpoint_run_config, check_new, hf_run_config, initial_weights, read_source
+from parscale_jax.runs import (Run, checkpoint_run_config, check_new, fresh_params, hf_run_config, initial_weights,
+                               read_source)
 
 
 def _read(path: Path, run_dir: Path, overrides: list[str], base: dict[str, Any] | None
@@ -77,9 +79,10 @@ def import_checkpoint(hf_path: str | Path, run_dir: str | Path, overrides: list[
                          checkpoint_streams=checkpoint.parscale_n, new_streams=new_streams,
                          calibration_steps=calibrate)
         if new_streams:  # chosen once here (recycle.py), not again by every reader of step 0
-            streams, backbone = split_params(merge_params(*run.start_weights(layout)), model)
+            fresh, _ = split_params(fresh_params(config, layout), model)
+            streams = new_stream_set(fresh, initial["backbone"], config)
             if calibrate:
-                streams, divergences = calibrate_streams(config, layout, streams, backbone, calibrate,
+                streams, divergences = calibrate_streams(config, layout, streams, initial["backbone"], calibrate,
                                                          calibrate_lr or CALIBRATION_LR)
                 summary["calibration_kl"] = {"first": divergences[0], "last": divergences[-1]}
             save_params(run.initial_dir / f"parscale_p{model.parscale_n}", streams)
