@@ -23,7 +23,7 @@ from flax.nnx.traversals import flatten_mapping
 
 from parscale_jax import sharding
 from parscale_jax.errors import ConfigError
-from parscale_jax.model import ATTENTION_KERNELS, FFN_TYPES, REMAT_POLICIES, activation_axes, param_info
+from parscale_jax.model import ATTENTION_KERNELS, FFN_TYPES, MOE_IMPLS, REMAT_POLICIES, activation_axes, param_info
 from parscale_jax.model import splash
 from parscale_jax.model.config import ModelConfig, vocab_size_for
 
@@ -90,6 +90,8 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     z_loss: float = 0.0  # weight of log(Z)^2, 0 disables
+    moe_aux_loss: float = 0.01  # weight of a MoE's load-balancing loss (model/moe.py: k at balance)
+    router_z_loss: float = 0.001  # weight of a MoE router's z-loss
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation
@@ -423,12 +425,35 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _require_one_of(m.ffn, tuple(FFN_TYPES), "model.ffn")
     _require_one_of(m.attention, tuple(ATTENTION_KERNELS), "model.attention")
     _require(m.attention != "splash" or splash.unsupported() is None, "model.attention", str(splash.unsupported()))
+    validate_moe(m)
     _require(m.parscale_n >= 1, "model.parscale_n", f"P must be >= 1, got {m.parscale_n}")
     _require(m.parscale_n_tokens >= 0, "model.parscale_n_tokens",
              f"T must be >= 0, got {m.parscale_n_tokens}")
     _require(0.0 <= m.parscale_attn_smooth <= 1.0, "model.parscale_attn_smooth",
              f"must lie in [0, 1], got {m.parscale_attn_smooth}")
     return m
+
+
+MOE_FIELDS = ("num_experts", "experts_per_token", "moe_intermediate_size", "moe_capacity_factor",
+              "moe_renormalize", "moe_shared_expert_size", "moe_every", "moe_impl")
+
+
+def validate_moe(m: ModelConfig) -> None:
+    if m.ffn != "moe":
+        default = ModelConfig()
+        for name in MOE_FIELDS:
+            _require(getattr(m, name) == getattr(default, name), f"model.{name}",
+                     f"is a Mixture-of-Experts option, but model.ffn={m.ffn} (set model.ffn=moe)")
+        return
+    _require(m.num_experts >= 1, "model.num_experts", f"must be >= 1, got {m.num_experts}")
+    _require(1 <= m.experts_per_token <= m.num_experts, "model.experts_per_token",
+             f"must lie in [1, model.num_experts={m.num_experts}], got {m.experts_per_token}")
+    _require(m.moe_capacity_factor >= 0, "model.moe_capacity_factor",
+             f"must be >= 0 (0: dropless), got {m.moe_capacity_factor}")
+    for name in ("moe_intermediate_size", "moe_shared_expert_size"):
+        _require(getattr(m, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
+    _require(m.moe_every == 1, "model.moe_every", f"only 1 (every layer routed) is supported yet, got {m.moe_every}")
+    _require_one_of(m.moe_impl, MOE_IMPLS, "model.moe_impl")
 
 
 def split_dimensions(m: ModelConfig, t: TrainConfig) -> Iterator[tuple[str, int, str]]:
@@ -491,7 +516,7 @@ def validate(config: Config) -> Config:
              f"must lie in [0, 1], got {t.decay_fraction}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio",
              f"must lie in [0, 1], got {t.min_lr_ratio}")
-    for name in ("weight_decay", "grad_clip", "z_loss", "eval_every", "eval_batches"):
+    for name in ("weight_decay", "grad_clip", "z_loss", "moe_aux_loss", "router_z_loss", "eval_every", "eval_batches"):
         _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     _require_one_of(t.trainable, TRAINABLE, "train.trainable")
     _require_one_of(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")
@@ -499,6 +524,8 @@ def validate(config: Config) -> Config:
     _require(0.0 <= t.b2 < 1.0, "train.b2", f"must lie in [0, 1), got {t.b2}")
 
     validate_mesh(config.mesh, m, t)
+    _require(m.moe_impl != "ragged" or config.mesh.shape.get("expert", 1) == 1, "model.moe_impl",
+             "ragged has no expert-parallel form; with mesh.expert > 1 use gather (or auto)")
     validate_growth(config)
 
     _require(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
@@ -517,6 +544,8 @@ def stage_models(config: Config) -> list[ModelConfig]:
 
 def validate_growth(config: Config) -> None:
     t, stages = config.train, config.train.growth
+    _require(not stages or config.model.ffn != "moe", "train.growth",
+             "growing a Mixture-of-Experts model is not supported (model.ffn=moe)")
     models = stage_models(config)
     for i, (stage, old, new) in enumerate(zip(stages, models, models[1:])):
         key = f"train.growth[{i}]"

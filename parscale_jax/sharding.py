@@ -7,10 +7,11 @@ axes are the ones the rules name, in the order they first appear (`mesh_axes`; t
 the devices with the fastest links):
 
   data    batch rows (and, with `mesh.fsdp`, the hidden dimension of every weight: ZeRO-3)
+  expert  a Mixture-of-Experts' experts (model/moe.py); outside its layers, more batch rows
   stream  the P parallel streams: their activations and their per-stream prefixes
   model   tensor parallelism: attention heads, MLP width, vocabulary
 
-A new kind of dimension (an expert axis, say) is one rule here; a new mesh axis is a rule that
+A new kind of dimension is one rule here; a new mesh axis is a rule that
 names it, and `mesh.<axis>` then sets its size. layout.py turns the rules into shardings on a
 concrete mesh; config.py checks, from the same rules and the parameters' declarations, that every
 split dimension divides evenly.
@@ -30,7 +31,7 @@ from parscale_jax.errors import ConfigError
 # when the kv heads split evenly over it (Qwen2.5 has 2 kv heads; more model devices replicate them).
 RULES: dict[str, tuple[str, ...]] = {
     # activations and batches
-    "batch": ("data",),
+    "batch": ("data", "expert"),
     "stream": ("stream",),  # the streams' activations, prefixes and aggregator weights
     "length": (),
     "act_embed": (),
@@ -40,6 +41,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "heads": ("model",),
     "kv_heads": ("model",),
     "mlp": ("model",),
+    "experts": ("expert",),
+    "routes": (),  # a router's outputs: one per expert (or the shared expert's gate)
     "vocab": ("model",),
     "embed": (),
     "layers": (),

@@ -64,8 +64,9 @@ def logged(run_dir: Path, key: str) -> list[float]:
     return [line[key] for line in sorted(lines, key=lambda line: line["step"])]
 
 
-def first_gradients(config) -> dict[str, np.ndarray]:
-    """Gradients of the mean loss at the initial state on the first batch, computed on config's mesh."""
+def first_gradients(config, with_loss: bool = False) -> dict[str, np.ndarray]:
+    """Gradients of the mean loss at the initial state on the first batch, computed on config's mesh
+    (and, `with_loss`, the mean loss itself as "loss")."""
     from parscale_jax.data import pipeline
     from parscale_jax.layout import Layout
     from parscale_jax.model import abstract_params, init_params, model_graphdef
@@ -80,13 +81,13 @@ def first_gradients(config) -> dict[str, np.ndarray]:
         batch = layout.put_batch(next(iter(pipeline.train_dataset(config, rows))), config.train.batch_size)
 
         def mean_loss_grads(params, batch):
-            grads, (_, n_tokens, _) = jax.grad(loss_sums, has_aux=True)(params, graphdef, batch, 0.0)
-            return jax.tree.map(lambda g: g / n_tokens, grads)
+            grads, (ce_sum, n_tokens, _) = jax.grad(loss_sums, has_aux=True)(params, graphdef, batch, 0.0)
+            return jax.tree.map(lambda g: g / n_tokens, grads), ce_sum / n_tokens
 
-        grads = jax.jit(mean_loss_grads, in_shardings=(shardings, layout.batch_sharding()),
-                        out_shardings=shardings)(params, batch)
-    return {"/".join(str(k.key) for k in path): np.asarray(g)
-            for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+        grads, loss = jax.jit(mean_loss_grads, in_shardings=(shardings, layout.batch_sharding()),
+                              out_shardings=(shardings, None))(params, batch)
+    named = {"/".join(str(k.key) for k in path): np.asarray(g) for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+    return {**named, "loss": np.asarray(loss)} if with_loss else named
 
 
 def checked_specs(state: dict) -> dict[str, list]:

@@ -41,7 +41,7 @@ class PenalizedSwiGLU(SwiGLU):
 
     def __init__(self, cfg, rngs):
         super().__init__(cfg, rngs)
-        self.gain = nnx.Param(jnp.ones((2, cfg.hidden_size)), **declare(("experts", "embed"), "norm"))
+        self.gain = nnx.Param(jnp.ones((2, cfg.hidden_size)), **declare(("gains", "embed"), "norm"))
 
     def __call__(self, x_BSD):
         y_BSD, _ = super().__call__(x_BSD)
@@ -78,8 +78,8 @@ def registered(monkeypatch):
 
 def test_choices_are_the_registries_keys(registered):
     assert load_config(overrides=["model.ffn=penalized", "model.attention=reference"]).model.ffn == "penalized"
-    with pytest.raises(ConfigError, match=r"model.ffn: must be one of \('swiglu', 'penalized'\), got 'moe'"):
-        load_config(overrides=["model.ffn=moe"])
+    with pytest.raises(ConfigError, match=r"model.ffn: must be one of \('swiglu', 'moe', 'penalized'\), got 'mlp'"):
+        load_config(overrides=["model.ffn=mlp"])
     with pytest.raises(ConfigError, match="model.attention: .* got 'flash'"):
         load_config(overrides=["model.attention=flash"])
     with pytest.raises(ConfigError, match="model.remat: .*did you mean 'dots'"):
@@ -102,19 +102,19 @@ def test_a_new_feed_forward_declares_its_parameters(registered):
     cfg = load_config(overrides=[*TINY, "model.ffn=penalized", "mesh.model=1"]).model
     info = param_info(cfg)
     gain = info["layers"]["mlp"]["gain"]
-    assert gain == ParamInfo((3, 2, 32), ("layers", "experts", "embed"), "norm", False)
+    assert gain == ParamInfo((3, 2, 32), ("layers", "gains", "embed"), "norm", False)
     assert weight_decay_mask(info)["layers"]["mlp"] == {"gain": False, "gate_proj": {"kernel": True},
                                                        "up_proj": {"kernel": True}, "down_proj": {"kernel": True}}
     plain = load_config(overrides=TINY).model
     assert non_embedding_params(cfg) == non_embedding_params(plain) + 3 * 2 * 32
     # Shardings read the declaration; an axis with no rule is an error, not a silent replication.
-    with pytest.raises(KeyError, match="no sharding rule for logical axis 'experts'"):
+    with pytest.raises(KeyError, match="no sharding rule for logical axis 'gains'"):
         Layout.create(load_config(overrides=[*TINY, "model.ffn=penalized"])).param_shardings(
             {"layers": {"mlp": {"gain": jnp.zeros((3, 2, 32))}}})
 
 
 def test_auxiliary_losses_join_the_objective_and_are_logged(registered, tmp_path, monkeypatch):
-    monkeypatch.setitem(sharding.RULES, "experts", ())  # a new logical axis is one rule
+    monkeypatch.setitem(sharding.RULES, "gains", ())  # a new logical axis is one rule
     config = load_config(overrides=[*TINY, "model.ffn=penalized", "train.steps=2"])
     params = init_params(config.model, 0)
     rng = np.random.default_rng(0)
@@ -144,8 +144,8 @@ def test_auxiliary_losses_join_the_objective_and_are_logged(registered, tmp_path
 
 class ToyExperts(nnx.Module):
     """A feed-forward type of E = 2 experts that every token uses (their outputs averaged): its own
-    FLOPs, its own Hugging Face names with a per-expert index, and a new logical axis, `experts`,
-    which a new sharding rule splits over a new mesh axis, `expert`."""
+    FLOPs, its own Hugging Face names with a per-expert index, and parameters stacked over the
+    `experts` logical axis, which the rules split over the `expert` mesh axis."""
 
     EXPERTS = 2
     HF_NAMES = {"up": ("experts.{e}.up_proj.weight", "transpose"),
@@ -168,15 +168,13 @@ class ToyExperts(nnx.Module):
 
 
 def register_toy_experts() -> None:
-    """What a plug-in module does when imported: one registry entry and one sharding rule."""
+    """What a plug-in module does when imported: one registry entry."""
     FFN_TYPES["toy_experts"] = ToyExperts
-    sharding.RULES["experts"] = ("expert",)
 
 
 @pytest.fixture
 def toy_experts(monkeypatch):
     monkeypatch.setitem(FFN_TYPES, "toy_experts", ToyExperts)
-    monkeypatch.setitem(sharding.RULES, "experts", ("expert",))
     param_info.cache_clear()
     yield
     param_info.cache_clear()
@@ -190,15 +188,15 @@ def test_a_plugged_in_family_is_counted_sharded_and_named_from_its_declarations(
     assert non_embedding_params(cfg) == non_embedding_params(plain) - L * 3 * D * F + L * 2 * E * D * F
     per_token = 3 * cfg.parscale_n * L * (ToyExperts.flops_per_token(cfg) - 2 * 3 * D * F)
     assert train_flops_per_token(cfg, 32) - train_flops_per_token(plain, 32) == pytest.approx(per_token)
-    # Sharding: the new rule makes a new mesh axis, which the config sizes and checks like the others.
-    assert mesh_axes() == ("data", "stream", "model", "expert")
+    # Sharding: the experts' axis is split over the mesh's `expert` axis, sized and checked like the others.
+    assert mesh_axes() == ("data", "expert", "stream", "model")
     layout = Layout.create(config)
     assert layout.mesh.shape["expert"] == 1
     up = layout.param_sharding(("layers", "mlp", "up"), 4).spec
     assert tuple(up) == (None, "expert", None, "model")
     with pytest.raises(ConfigError, match=r"mesh.expert: 3 devices do not divide dimension 'experts' \(2\) of "
                                           r"parameter layers/mlp/"):
-        load_config(overrides=[*TINY, "model.ffn=toy_experts", "mesh.expert=3", "mesh.data=1"])
+        load_config(overrides=[*TINY, "model.ffn=toy_experts", "mesh.expert=3", "mesh.data=1", "train.batch_size=6"])
     # Hugging Face names: one tensor per layer and expert, back into the same parameters.
     params = jax.jit(lambda: init_params(cfg, 0))()
     names = [t.name for t in hf.hf_tensors(cfg)]

@@ -104,7 +104,7 @@ def test_plan_suggests_overrides_that_fit(tmp_path):
     (["--topology", "v5p-6"], "no v5p slice has 3 chips"),
     (["--topology", "v5p:2x2"], "v5p slices are 3-D"),
     ([], "name a TPU topology (--topology v5p-256) or a GPU count"),
-    (["--gpus", "8", "mesh.data=4"], "mesh: data=4 x stream=1 x model=1 = 4 devices, but 8 are available"),
+    (["--gpus", "8", "mesh.data=4"], "mesh: data=4 x expert=1 x stream=1 x model=1 = 4 devices, but 8 are available"),
 ])
 def test_bad_targets_are_one_line_errors(tmp_path, args, fragment):
     code, stdout, stderr, _ = plan(tmp_path, *args)

@@ -153,8 +153,8 @@ def test_kv_heads_fewer_than_model_devices_are_replicated():
 
 
 def test_a_rule_may_split_a_logical_axis_over_several_mesh_axes(monkeypatch):
-    """A batch split over `data` and a new `expert` axis (as expert parallelism will): the mesh gains
-    the axis, its spec names both, and the micro-batch must divide their product."""
+    """A batch split over `data` and `expert` (as expert parallelism splits it): the mesh has both
+    axes, the batch's spec names both, and the micro-batch must divide their product."""
     from parscale_jax import sharding
 
     monkeypatch.setitem(sharding.RULES, "batch", ("data", "expert"))
@@ -168,9 +168,9 @@ def test_a_rule_may_split_a_logical_axis_over_several_mesh_axes(monkeypatch):
 
 
 def test_a_mesh_that_does_not_fit_the_devices_is_refused():
-    with pytest.raises(ConfigError, match=r"data=2 x stream=1 x model=1 = 2 devices, but 1 are available"):
+    with pytest.raises(ConfigError, match=r"data=2 x expert=1 x stream=1 x model=1 = 2 devices, but 1 are available"):
         Layout.create(load_config(overrides=["mesh.data=2"]))
-    with pytest.raises(ConfigError, match=r"cannot fill: 1 devices do not split into data=-1 x stream=2"):
+    with pytest.raises(ConfigError, match=r"cannot fill: 1 devices do not split into data=-1 x expert=1 x stream=2"):
         Layout.create(load_config(overrides=["model.parscale_n=2", "mesh.stream=2"]))
 
 

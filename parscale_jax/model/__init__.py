@@ -7,6 +7,7 @@ and `REMAT_POLICIES` (model.remat).
 from parscale_jax.model.attention import KERNELS as ATTENTION_KERNELS
 from parscale_jax.model.attention import KVCache, attention_mask
 from parscale_jax.model.ffn import FFN_TYPES
+from parscale_jax.model.moe import MOE_IMPLS  # registers model.ffn=moe
 from parscale_jax.model.layers import Aux, GrowthMasks, apply_rope, rope_tables
 from parscale_jax.model.lm import (
     REMAT_POLICIES,
@@ -24,7 +25,7 @@ from parscale_jax.model.lm import (
 )
 from parscale_jax.model.params import DECAYED, ParScaleParam
 
-__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "REMAT_POLICIES", "Aux", "GrowthMasks", "KVCache",
+__all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "MOE_IMPLS", "REMAT_POLICIES", "Aux", "GrowthMasks", "KVCache",
            "ParScaleLM",
            "ParScaleParam", "abstract_params", "activation_axes", "apply_rope", "attention_mask", "init_params",
            "merge_params", "model_graphdef", "param_info", "prefix_slots", "residual_outputs", "rope_tables", "scan_layers", "split_params"]

@@ -30,6 +30,15 @@ class ModelConfig:
     init_std: float = 0.02
     remat: str = "none"  # per-layer rematerialization: "none" or a key of model.lm.REMAT_POLICIES
     ffn: str = "swiglu"  # the feed-forward block: a key of model.ffn.FFN_TYPES
+    # Mixture-of-Experts (model.ffn=moe; model/moe.py says what each does)
+    num_experts: int = 8  # E
+    experts_per_token: int = 2  # k
+    moe_intermediate_size: int = 0  # F of one expert; 0: intermediate_size
+    moe_capacity_factor: float = 0.0  # slots per expert and row: c · k · S / E; 0: dropless
+    moe_renormalize: bool = True  # the k chosen weights sum to 1 (Mixtral; Qwen's norm_topk_prob)
+    moe_shared_expert_size: int = 0  # F of a sigmoid-gated shared expert (Qwen2-MoE); 0: none
+    moe_every: int = 1  # every k-th layer routed (Qwen2-MoE's decoder_sparse_step)
+    moe_impl: str = "auto"  # dispatch: a key of model.moe.MOE_IMPLS
     attention: str = "einsum"  # the attention kernel: a key of model.attention.KERNELS
     parscale_n: int = 1  # P, the number of parallel streams
     parscale_n_tokens: int = 48  # T, prefix tokens per stream and layer

@@ -23,6 +23,16 @@ def total_params(cfg: ModelConfig) -> int:
     return _count(cfg, lambda info: True)
 
 
+def active_non_embedding_params(cfg: ModelConfig) -> int:
+    """The non-embedding parameters one token uses: of a parameter stacked over `experts`, the k
+    experts a token is routed to (the same as `non_embedding_params` without experts)."""
+    def active(info) -> int:
+        if "experts" not in info.axes:
+            return info.size
+        return info.size // info.shape[info.axes.index("experts")] * cfg.experts_per_token
+    return sum(active(info) for info in jax.tree.leaves(param_info(cfg)) if info.kind != "embedding")
+
+
 def _layer_flops(cfg: ModelConfig) -> int:
     """Forward matrix-product FLOPs of one token through a layer's projections: q, k, v and o, and
     the feed-forward block (its registry entry counts its own)."""

@@ -74,19 +74,27 @@ def make_optimizer(t: TrainConfig, decay_mask: dict) -> optax.GradientTransforma
 # Objective and step
 
 
-def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, masks: GrowthMasks | None = None):
+def aux_loss_weights(t: TrainConfig) -> dict[str, float]:
+    """The weight of each auxiliary loss the model may report (one not named here weighs 1)."""
+    return {"moe_balance": t.moe_aux_loss, "router_z": t.router_z_loss}
+
+
+def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, masks: GrowthMasks | None = None,
+              aux_weights: dict[str, float] | None = None):
     """(objective summed over target tokens, (cross-entropy sum, target-token count, the model's Aux)).
 
     Sums rather than means, so micro-batches add up to exactly the full batch. The model's auxiliary
-    losses are means over tokens; they count once per target token, like the cross-entropy.
-    `masks`: while a grown model's new parts fade in (growth.py).
+    losses are means over tokens; each counts once per target token, like the cross-entropy, times
+    its weight in `aux_weights` (`aux_loss_weights`). `masks`: while a grown model's new parts fade
+    in (growth.py).
     """
     logits_BSV, aux = model_logits(params, graphdef, batch, masks)
     log_probs_BS, log_z_BS = target_log_probs(logits_BSV, batch["targets"])
     ce_sum, n_tokens = cross_entropy_sums(log_probs_BS, batch["loss_mask"])
     objective = ce_sum + z_loss * jnp.sum(jnp.square(log_z_BS) * batch["loss_mask"].astype(jnp.float32))
     if aux.losses:
-        objective += n_tokens * sum(aux.losses.values())
+        weights = aux_weights or {}
+        objective += n_tokens * sum(weights.get(name, 1.0) * loss for name, loss in aux.losses.items())
     return objective, (ce_sum, n_tokens, aux)
 
 
@@ -110,7 +118,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     schedule = learning_rate_schedule(t)
 
     def objective(params: dict, frozen: dict, batch: Batch, masks):
-        return loss_sums(merge_params(frozen, params), graphdef, batch, t.z_loss, masks)
+        return loss_sums(merge_params(frozen, params), graphdef, batch, t.z_loss, masks, aux_loss_weights(t))
 
     grad_fn = jax.grad(objective, has_aux=True)
 
