@@ -199,6 +199,17 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from parscale_jax.transforms.upcycle import upcycle
+
+    summary = upcycle(args.source, args.out, args.overrides, args.noise)
+    exact = "computes what the dense model did" if summary["function_preserving"] else \
+        "starts near the dense model (noise, capacity or weights that do not sum to 1)"
+    print(f"{summary['run_dir']}: {summary['num_experts']} experts, top-{summary['experts_per_token']}; it {exact}. "
+          f"Train it with: parscale-jax train --run-dir {args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from parscale_jax.runs import Run, export_hf
 
@@ -421,6 +432,15 @@ COMMANDS = (
                       required=True),
                 option("--identity", action="store_true", help="the inserted blocks start as the identity"),
                 overrides("data/train settings of the new run (the model's shape is fixed)"))),
+    Command("upcycle", cmd_upcycle, "a Mixture-of-Experts run from a dense one (sparse upcycling)",
+            description="Every expert starts as a copy of the dense MLP, the router is new, everything else is "
+                        "copied. With model.moe_renormalize=true, model.moe_capacity_factor=0 and no --noise the "
+                        "new model computes exactly what the dense one did.", options=(
+                option("--from", dest="source", required=True, metavar="RUN_OR_HF_DIR"),
+                out("the run directory to create", required=True),
+                option("--noise", type=float, default=0.0, metavar="R",
+                       help="add Gaussian noise of R times each weight's RMS to every expert's copy (default 0)"),
+                overrides("e.g. model.num_experts=8 model.experts_per_token=2, and data/train settings"))),
     Command("export", cmd_export, "write a run's model as a Hugging Face checkpoint", options=(
         run_dir(),
         out("the checkpoint directory to write", required=True),

@@ -232,3 +232,77 @@ def test_expert_parallel_meshes_equal_one_device(tmp_path):
         assert set(sharded) == set(alone)
         for key, want in alone.items():
             np.testing.assert_allclose(sharded[key], want, rtol=1e-5, atol=1e-5, err_msg=f"{name}: {key}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse upcycling
+
+
+def step0_logits(run_dir: Path, tokens: np.ndarray) -> np.ndarray:
+    from parscale_jax.evaluate import model_logits
+    from parscale_jax.layout import Layout
+    from parscale_jax.model import model_graphdef
+    from parscale_jax.runs import Run
+
+    run = Run.open(run_dir)
+    layout = Layout.create(run.config)
+    with jax.set_mesh(layout.mesh):
+        params, _ = run.params(layout)
+        batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
+                 "segment_ids": np.ones_like(tokens)}
+        return np.asarray(model_logits(params, model_graphdef(run.config.model), batch)[0])
+
+
+@pytest.fixture(scope="module")
+def dense_runs(tmp_path_factory) -> dict[int, Path]:
+    """A dense run with P = 1 and one with P = 2, each trained 2 steps."""
+    runs = {}
+    for P in (1, 2):
+        run_dir = tmp_path_factory.mktemp("dense") / f"p{P}"
+        train(load_config(overrides=[*TINY, f"model.parscale_n={P}", "train.steps=2"]), run_dir, progress=False)
+        runs[P] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_an_upcycled_run_computes_what_the_dense_one_did(dense_runs, tmp_path, P, capsys):
+    from parscale_jax.cli import main
+    from parscale_jax.runs import Run
+
+    out = tmp_path / "moe"
+    assert main(["upcycle", "--from", str(dense_runs[P]), "--out", str(out), "model.num_experts=4",
+                 "model.experts_per_token=2"]) == 0
+    assert "computes what the dense model did" in capsys.readouterr().out
+    tokens = np.random.default_rng(0).integers(0, 320, (2, 24)).astype(np.int32)
+    dense, moe = step0_logits(dense_runs[P], tokens), step0_logits(out, tokens)
+    np.testing.assert_allclose(moe, dense, rtol=0, atol=1e-5 * np.max(np.abs(dense)))
+    run = Run.open(out)
+    assert run.config.model.ffn == "moe" and run.config.model.parscale_n == P
+    lineage = run.lineage()
+    assert lineage["made_from"] == "upcycle" and lineage["parents"][0]["path"] == str(dense_runs[P].absolute())
+    assert lineage["num_experts"] == 4 and lineage["noise"] == 0.0
+    # With noise the experts differ, the function moves a little, and the run trains.
+    noisy = tmp_path / "noisy"
+    assert main(["upcycle", "--from", str(dense_runs[P]), "--out", str(noisy), "--noise", "0.01",
+                 "model.num_experts=4", "model.experts_per_token=2"]) == 0
+    moved = np.max(np.abs(step0_logits(noisy, tokens) - dense))
+    assert 1e-5 * np.max(np.abs(dense)) < moved < 0.1 * np.max(np.abs(dense))
+    assert main(["train", "--run-dir", str(noisy), "--no-progress"]) == 0
+
+
+def test_upcycling_refuses_what_it_cannot_do(dense_runs, tmp_path, capsys):
+    from parscale_jax.cli import main
+
+    moe = tmp_path / "moe"
+    assert main(["upcycle", "--from", str(dense_runs[1]), "--out", str(moe), "model.num_experts=2"]) == 0
+    cases = [(["--from", str(moe)], "is already a Mixture-of-Experts model (model.ffn=moe)"),
+             (["--from", str(dense_runs[1]), "model.hidden_size=64"], "upcycle keeps the model's shape"),
+             (["--from", str(dense_runs[1]), "model.moe_intermediate_size=32"], "the experts are copies of the 64-wide"),
+             (["--from", str(dense_runs[1]), "model.experts_per_token=3", "model.num_experts=2"],
+              "model.experts_per_token: must lie in [1, model.num_experts=2], got 3")]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["upcycle", "--out", str(tmp_path / "again"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "again").exists()

@@ -281,3 +281,25 @@ def test_bad_imports_are_one_line_errors_and_write_nothing(tiny, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(f in err for f in fragments), err
     assert not (tmp_path / "run").exists()
+
+
+def test_upcycling_the_real_model_keeps_its_logits(recycled, tmp_path):
+    """SmolLM2 with P = 2 streams upcycled to 2 experts (top-1): each expert a copy of its MLP, so the
+    MoE model's logits are the dense model's on real text (1e-5 of the largest)."""
+    from parscale_jax.transforms.upcycle import upcycle
+
+    out = tmp_path / "moe"
+    summary = upcycle(recycled, out, ["model.num_experts=2", "model.experts_per_token=1"])
+    assert summary["function_preserving"]
+    text = "The capital of France is Paris. The Thames flows through London, and the Seine through Paris."
+    logits = {}
+    for name, run_dir in (("dense", recycled), ("moe", out)):
+        run = Run.open(run_dir)
+        ids = load_tokenizer(run.config.data).encode(text)
+        layout = Layout.create(run.config)
+        with jax.set_mesh(layout.mesh):
+            params, _ = run.params(layout)
+            batch = {"tokens": ids[None], "positions": np.arange(len(ids))[None], "segment_ids": np.ones_like(ids)[None]}
+            logits[name] = np.asarray(model_logits(params, model_graphdef(run.config.model), batch)[0])
+    assert Run.open(out).config.model.ffn == "moe"
+    np.testing.assert_allclose(logits["moe"], logits["dense"], rtol=0, atol=1e-5 * np.max(np.abs(logits["dense"])))

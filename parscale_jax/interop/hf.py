@@ -1,13 +1,17 @@
-"""Hugging Face checkpoints (SPEC §2): read Qwen2 / Llama / qwen2_parscale ones, write ours.
+"""Hugging Face checkpoints (SPEC §2): read Qwen2 / Llama / Qwen3 / Mixtral / Qwen2-MoE / Qwen3-MoE /
+qwen2_parscale ones, write ours.
 
 Our module names follow the Hugging Face ones, so the mapping is: stack the per-layer tensors
-along a leading `[L]` axis, transpose torch `[out, in]` Linear weights to `[in, out]` kernels, and
-permute the aggregator's interleaved input columns (`d·P + p`) to our stream-major order (`p·D + d`).
+along a leading `[L]` axis (and the experts' along `[E]`), transpose torch `[out, in]` Linear
+weights to `[in, out]` kernels, and permute the aggregator's interleaved input columns (`d·P + p`)
+to our stream-major order (`p·D + d`). Mixtral spells its MoE tensors differently (`RENAMES`).
 
-A P = 1 model is written as a plain `Qwen2ForCausalLM` (or `LlamaForCausalLM` without q/k/v
-biases). A P > 1 model is a `qwen2_parscale` checkpoint, which carries its own PyTorch modeling code
+A P = 1 model is written as the plain family it fits (`hf_format`): dense as `Qwen2ForCausalLM`,
+`LlamaForCausalLM` without q/k/v biases or `Qwen3ForCausalLM` with q/k norms; MoE as
+`MixtralForCausalLM`, `Qwen2MoeForCausalLM` or `Qwen3MoeForCausalLM`. A P > 1 model is a
+`qwen2_parscale` checkpoint, which carries its own PyTorch modeling code
 (`parscale_jax/interop/hf_remote/`) for `trust_remote_code=True`. The tensors are named and laid out as the
-official ParScale code expects, so that code loads our checkpoints too.
+official ParScale code expects, so that code loads our dense checkpoints too.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from parscale_jax.config import ModelConfig, validate_model
 from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from parscale_jax.errors import CheckpointError, ConfigError
 from parscale_jax.model import FFN_TYPES, param_info
+from parscale_jax.model.moe import expert_width
 
 _REMOTE_CODE = ("configuration_qwen2_parscale.py", "modeling_qwen2_parscale.py")
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -41,20 +46,65 @@ EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Config
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from a Qwen2 / Llama / qwen2_parscale `config.json` dict (transformers 4 or 5)."""
-    model_type = hf.get("model_type")
-    if model_type not in ("qwen2", "llama", "qwen2_parscale"):
-        raise ConfigError("--hf", f"model_type '{model_type}' is not supported (qwen2, llama or qwen2_parscale)")
+DENSE_FORMATS = ("qwen2", "llama", "qwen3")
+MOE_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
+FORMATS = (*DENSE_FORMATS, *MOE_FORMATS, "qwen2_parscale")  # the model_types we read
+QK_NORM_FORMATS = ("qwen3", "qwen3_moe")
+DEFAULT_ROPE_THETA = {"mixtral": 1e6}  # where a config without one means other than 10000
+
+
+def _refuse_unsupported(hf: dict[str, Any], model_type: str) -> None:
+    """A one-line ConfigError for what a checkpoint's config asks that our model cannot compute."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError("--hf", f"RoPE scaling '{rope.get('rope_type', rope.get('type'))}' is not supported")
-    if hf.get("use_sliding_window"):
+    if hf.get("use_sliding_window") or (model_type == "mixtral" and hf.get("sliding_window") is not None):
         raise ConfigError("--hf", "sliding-window attention is not supported")
     if hf.get("mlp_bias"):
         raise ConfigError("--hf", "MLP biases are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError("--hf", f"activation '{hf['hidden_act']}' is not supported (silu)")
+    if model_type in QK_NORM_FORMATS and hf.get("attention_bias"):
+        raise ConfigError("--hf", f"{model_type} attention biases are not supported (they include o_proj's)")
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+            raise ConfigError("--hf", "dense layers between the MoE ones (decoder_sparse_step "
+                              f"{hf.get('decoder_sparse_step', 1)}, mlp_only_layers {hf.get('mlp_only_layers')}) "
+                              "are not supported: every layer must be MoE")
+        if not (hf.get("num_experts") or hf.get("num_local_experts")):
+            raise ConfigError("--hf", f"a {model_type} config without experts is not supported")
+
+
+def _qkv_bias(hf: dict[str, Any], model_type: str) -> bool:
+    if model_type == "llama":
+        return bool(hf.get("attention_bias", False))
+    if model_type in ("mixtral", *QK_NORM_FORMATS):
+        return False  # Qwen3's attention_bias (o_proj's too) is refused above
+    return bool(hf.get("qkv_bias", True))  # Qwen2, Qwen2-MoE, qwen2_parscale
+
+
+def _moe_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Our `model.moe_*` fields from a MoE config (none for a dense one). Hugging Face MoE models
+    are dropless. Mixtral's `intermediate_size` is an expert's; Qwen's are apart."""
+    if model_type == "mixtral":
+        return dict(ffn="moe", num_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
+                    moe_intermediate_size=hf["intermediate_size"], moe_renormalize=True)
+    if model_type in ("qwen2_moe", "qwen3_moe") or (model_type == "qwen2_parscale" and hf.get("num_experts")):
+        return dict(ffn="moe", num_experts=hf.get("num_experts") or hf["num_local_experts"],
+                    experts_per_token=hf["num_experts_per_tok"], moe_intermediate_size=hf["moe_intermediate_size"],
+                    moe_renormalize=bool(hf.get("norm_topk_prob", False)),
+                    moe_shared_expert_size=0 if model_type == "qwen3_moe" else hf.get("shared_expert_intermediate_size", 0))
+    return {}
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from a `config.json` dict of one of FORMATS (transformers 4 or 5)."""
+    model_type = hf.get("model_type")
+    if model_type not in FORMATS:
+        raise ConfigError("--hf", f"model_type '{model_type}' is not supported ({', '.join(FORMATS)})")
+    _refuse_unsupported(hf, model_type)
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    default_theta = DEFAULT_ROPE_THETA.get(model_type, 10000.0)
     model = ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -63,12 +113,14 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         num_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"),
-        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", default_theta))),
         rms_norm_eps=float(hf["rms_norm_eps"]),
-        qkv_bias=bool(hf.get("attention_bias", False)) if model_type == "llama" else bool(hf.get("qkv_bias", True)),
+        qkv_bias=_qkv_bias(hf, model_type),
+        qk_norm=model_type in QK_NORM_FORMATS or bool(hf.get("qk_norm", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf["max_position_embeddings"],
         init_std=float(hf.get("initializer_range", 0.02)),
+        **_moe_fields(hf, model_type),
         parscale_n=hf.get("parscale_n", 1),
         parscale_n_tokens=hf.get("parscale_n_tokens", 48),
         parscale_attn_smooth=float(hf.get("parscale_attn_smooth", 0.01)),
@@ -76,8 +128,40 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return validate_model(model)
 
 
+def hf_format(cfg: ModelConfig) -> str:
+    """The model_type a model is written as: qwen2_parscale (our remote code) when P > 1, else the
+    plain family that computes it, or a one-line ConfigError when none does."""
+    if cfg.parscale_n > 1:
+        return "qwen2_parscale"
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise ConfigError("model.qk_norm", "with q/k/v biases fits no Hugging Face format at P = 1 "
+                          "(Qwen3's attention_bias also biases o_proj)")
+    if cfg.ffn != "moe":
+        return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+    if cfg.qk_norm:
+        if cfg.moe_shared_expert_size:
+            raise ConfigError("model.qk_norm", "with a shared expert fits no Hugging Face format at P = 1 "
+                              "(Qwen3-MoE has no shared expert)")
+        return "qwen3_moe"
+    # Mixtral always renormalizes and has no biases; Qwen2-MoE has switches for both.
+    if cfg.moe_renormalize and not cfg.qkv_bias and not cfg.moe_shared_expert_size:
+        return "mixtral"
+    return "qwen2_moe"
+
+
+def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The Qwen-style MoE keys (Qwen2-MoE, Qwen3-MoE and our qwen2_parscale)."""
+    return {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
+            "moe_intermediate_size": expert_width(cfg), "shared_expert_intermediate_size": cfg.moe_shared_expert_size,
+            "norm_topk_prob": cfg.moe_renormalize}
+
+
+QWEN_MOE_LAYERS = {"decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False}  # every layer MoE
+
+
 def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict[str, Any]:
-    """`config.json` for our model: qwen2_parscale when P > 1, else plain Qwen2 or Llama."""
+    """`config.json` for our model, in the format `hf_format` picks."""
+    model_type = hf_format(cfg)
     hf: dict[str, Any] = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -98,7 +182,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict[str, 
         "eos_token_id": eos_id,
         "torch_dtype": dtype,
     }
-    if cfg.parscale_n > 1:
+    no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers}
+    if model_type == "qwen2_parscale":
         return {
             "architectures": ["Qwen2ParScaleForCausalLM"],
             "model_type": "qwen2_parscale",
@@ -106,18 +191,32 @@ def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict[str, 
                          "AutoModelForCausalLM": "modeling_qwen2_parscale.Qwen2ParScaleForCausalLM"},
             **hf,
             "qkv_bias": cfg.qkv_bias,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": cfg.num_layers,
+            "qk_norm": cfg.qk_norm,
+            **(_moe_config(cfg) if cfg.ffn == "moe" else {}),
+            **no_window,
             "parscale_n": cfg.parscale_n,
             "parscale_n_tokens": cfg.parscale_n_tokens,
             "parscale_attn_smooth": cfg.parscale_attn_smooth,  # always explicit: the class default differs
         }
-    if cfg.qkv_bias:
-        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **hf,
-                "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **hf,
-            "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    if model_type == "qwen2":
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **hf, **no_window}
+    if model_type == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **hf,
+                "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    if model_type == "qwen3":
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **hf, "attention_bias": False,
+                **no_window}
+    if model_type == "mixtral":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **hf,
+                "intermediate_size": expert_width(cfg), "num_local_experts": cfg.num_experts,
+                "num_experts_per_tok": cfg.experts_per_token, "sliding_window": None,
+                "output_router_logits": False, "router_jitter_noise": 0.0}
+    if model_type == "qwen2_moe":
+        return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", **hf, **_moe_config(cfg),
+                **QWEN_MOE_LAYERS, "qkv_bias": cfg.qkv_bias, **no_window}
+    moe = {key: value for key, value in _moe_config(cfg).items() if key != "shared_expert_intermediate_size"}
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **hf, **moe, **QWEN_MOE_LAYERS,
+            "attention_bias": False, "use_sliding_window": False, "sliding_window": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +254,8 @@ HF_NAMES: dict[str, tuple[str, str]] = {
     "layers/self_attn/v_proj/kernel": ("model.layers.{i}.self_attn.v_proj.weight", "transpose"),
     "layers/self_attn/v_proj/bias": ("model.layers.{i}.self_attn.v_proj.bias", "same"),
     "layers/self_attn/o_proj/kernel": ("model.layers.{i}.self_attn.o_proj.weight", "transpose"),
+    "layers/self_attn/q_norm/weight": ("model.layers.{i}.self_attn.q_norm.weight", "same"),
+    "layers/self_attn/k_norm/weight": ("model.layers.{i}.self_attn.k_norm.weight", "same"),
     "{mlp}": ("", ""),
     "layers/self_attn/prefix_k": ("model.layers.{i}.self_attn.prefix_k", "same"),
     "layers/self_attn/prefix_v": ("model.layers.{i}.self_attn.prefix_v", "same"),
@@ -165,6 +266,12 @@ HF_NAMES: dict[str, tuple[str, str]] = {
     "aggregate_out_kernel": ("model.aggregate_layer.2.weight", "transpose"),
     "aggregate_out_bias": ("model.aggregate_layer.2.bias", "same"),
 }
+# Formats whose names differ from the Qwen-style ones above and in the feed-forward types': each
+# (fragment, its spelling there) replaced in a name, in order.
+RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "mixtral": ((".mlp.", ".block_sparse_moe."), (".gate_proj.", ".w1."), (".up_proj.", ".w3."),
+                (".down_proj.", ".w2.")),
+}
 INDICES = ("i", "e")  # the index placeholders of a tensor name, for a parameter's leading axes in order
 # conversion -> (ours to Hugging Face, Hugging Face to ours), given P; torch Linear weights are [out, in].
 CONVERSIONS: dict[str, tuple[Callable, Callable]] = {
@@ -174,12 +281,16 @@ CONVERSIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def hf_names(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
-    """HF_NAMES with the feed-forward block's own names in its place."""
+def hf_names(cfg: ModelConfig, model_type: str | None = None) -> dict[str, tuple[str, str]]:
+    """HF_NAMES with the feed-forward block's own names in its place, spelled as `model_type` (by
+    default the format the model is written as) spells them."""
     mlp = {f"layers/mlp/{path}": (f"model.layers.{{i}}.mlp.{name}", conversion)
            for path, (name, conversion) in FFN_TYPES[cfg.ffn].HF_NAMES.items()}
-    return {entry: value for key, named in HF_NAMES.items()
-            for entry, value in (mlp.items() if key == "{mlp}" else [(key, named)])}
+    names = {entry: value for key, named in HF_NAMES.items()
+             for entry, value in (mlp.items() if key == "{mlp}" else [(key, named)])}
+    for old, new in RENAMES.get(model_type or hf_format(cfg), ()):
+        names = {key: (name.replace(old, new), conversion) for key, (name, conversion) in names.items()}
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,11 +309,12 @@ def _indices(name: str) -> int:
     return sum(f"{{{index}}}" in name for index in INDICES)
 
 
-def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
-    """Every Hugging Face tensor of a model with this config, in file order: the parameters before
-    the first stacked one, then layer by layer the stacked ones, then the rest."""
+def hf_tensors(cfg: ModelConfig, model_type: str | None = None) -> list[HFTensor]:
+    """Every Hugging Face tensor of a model with this config (named as in `hf_names`), in file
+    order: the parameters before the first stacked one, then layer by layer the stacked ones, then
+    the rest."""
     declared = {"/".join(path): info for path, info in flatten_mapping(param_info(cfg)).items()}
-    names = hf_names(cfg)
+    names = hf_names(cfg, model_type)
     unknown = sorted(set(declared) - set(names))
     if unknown:
         raise KeyError(f"no Hugging Face name for parameter {unknown[0]}; add it to hf.HF_NAMES (or to the "
@@ -225,12 +337,13 @@ def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
     return tensors
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
-    """Nested pure dict matching `nnx.to_pure_dict` of a `ParScaleLM(cfg)` parameter state."""
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, model_type: str | None = None) -> dict[str, Any]:
+    """Nested pure dict matching `nnx.to_pure_dict` of a `ParScaleLM(cfg)` parameter state, from
+    tensors named as `model_type` names them."""
     P = cfg.parscale_n
     declared = flatten_mapping(param_info(cfg))
     parts: dict[tuple[str, ...], list[np.ndarray]] = {}
-    for t in hf_tensors(cfg):
+    for t in hf_tensors(cfg, model_type):
         parts.setdefault(t.path, []).append(CONVERSIONS[t.conversion][1](tensors[t.name], P))
     return unflatten_mapping({path: np.stack(arrays).reshape(declared[path].shape) for path, arrays in parts.items()})
 
@@ -249,25 +362,42 @@ def hf_tensor_sources(params: dict[str, Any], cfg: ModelConfig) -> list[TensorSo
     def read(t: HFTensor) -> np.ndarray:
         return CONVERSIONS[t.conversion][0](np.asarray(flat[t.path][t.index]), cfg.parscale_n)
 
-    return [(t.name, t.shape, functools.partial(read, t)) for t in hf_tensors(cfg)]
+    return [(t.name, t.shape, functools.partial(read, t)) for t in hf_tensors(cfg)] + absent_shared_expert(cfg)
+
+
+def absent_shared_expert(cfg: ModelConfig) -> list[TensorSource]:
+    """Qwen2-MoE always has a shared expert: a model without one writes it at width 0, with a zero
+    gate (its output is 0), so that the checkpoint loads complete. None for other formats."""
+    if hf_format(cfg) != "qwen2_moe" or cfg.moe_shared_expert_size:
+        return []
+    D = cfg.hidden_size
+    shapes = {"shared_expert.gate_proj.weight": (0, D), "shared_expert.up_proj.weight": (0, D),
+              "shared_expert.down_proj.weight": (D, 0), "shared_expert_gate.weight": (1, D)}
+    return [(f"model.layers.{i}.mlp.{name}", shape, functools.partial(np.zeros, shape, np.float32))
+            for i in range(cfg.num_layers) for name, shape in shapes.items()]
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def read_hf_config(directory: Path) -> ModelConfig:
-    """The model config of a local Hugging Face checkpoint's `config.json`."""
+def _config_json(directory: Path) -> dict[str, Any]:
     if not (directory / "config.json").is_file():
         raise ConfigError("--hf", f"{directory} holds no config.json; is it a Hugging Face checkpoint?")
-    return config_from_hf(json.loads((directory / "config.json").read_text()))
+    return json.loads((directory / "config.json").read_text())
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    """The model config of a local Hugging Face checkpoint's `config.json`."""
+    return config_from_hf(_config_json(directory))
 
 
 def read_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Config and pure parameter dict (numpy, the file's dtype) of a local safetensors checkpoint,
     one file or sharded with a `model.safetensors.index.json`."""
     directory = Path(directory)
-    cfg = read_hf_config(directory)
+    hf_config = _config_json(directory)
+    cfg = config_from_hf(hf_config)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -284,19 +414,21 @@ def read_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, An
                     tensors[key] = f.get_tensor(key)
         except (OSError, SafetensorError) as err:  # missing, truncated or not safetensors at all
             raise ConfigError("--hf", f"{directory / name} cannot be read: {err}") from None
-    return cfg, checked_params_from_hf(tensors, cfg, directory, "config.json")
+    return cfg, checked_params_from_hf(tensors, cfg, directory, "config.json", hf_config["model_type"])
 
 
-def checked_params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: Path, config_name: str) -> dict:
+def checked_params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: Path, config_name: str,
+                           model_type: str | None = None) -> dict:
     """`params_from_hf` once every tensor the config implies is there in its shape; else a one-line
-    error naming the checkpoint (`where`) and what holds its config."""
-    for t in hf_tensors(cfg):
+    error naming the checkpoint (`where`) and what holds its config. `model_type` is the
+    checkpoint's format (by default the one we would write the model as)."""
+    for t in hf_tensors(cfg, model_type):
         if t.name not in tensors:
             raise ConfigError("--hf", f"{where} lacks tensor {t.name} that its {config_name} implies")
         if tensors[t.name].shape != t.shape:
             raise ConfigError("--hf", f"{where}: tensor {t.name} has shape {list(tensors[t.name].shape)}, but "
                               f"{config_name} implies {list(t.shape)}")
-    return params_from_hf(tensors, cfg)
+    return params_from_hf(tensors, cfg, model_type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +513,7 @@ def write_hf_checkpoint(out_dir: str | Path, params: dict[str, Any], cfg: ModelC
     Everything goes to a temporary sibling folder that is renamed to `out_dir` at the end, so an
     interrupted export leaves no half-written checkpoint behind.
     """
+    hf_format(cfg)  # a model no format fits is refused before anything is written
     out_dir = prepare_output_dir(out_dir, overwrite).absolute()
     np_dtype = EXPORT_DTYPES[dtype]
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"

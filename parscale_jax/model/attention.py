@@ -21,7 +21,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from parscale_jax.model.config import ModelConfig
-from parscale_jax.model.layers import Linear, apply_rope, normal
+from parscale_jax.model.layers import Linear, RMSNorm, apply_rope, normal
 from parscale_jax.model.params import ParScaleParam, declare
 from parscale_jax.model.splash import splash_attention
 from parscale_jax.sharding import RULES
@@ -224,7 +224,13 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention in which stream p's keys and values start with its prefix when P > 1."""
+    """Grouped-query attention in which stream p's keys and values start with its prefix when P > 1.
+
+    With `model.qk_norm` (Qwen3), each query and key head is RMS-normalized over head_dim before
+    RoPE. The prefixes are keys and values as the attention uses them: `prefix_k` is taken as it is
+    (neither normalized nor rotated), as a cache holds the tokens' keys after both. So a prefix made
+    from the model's own keys (recycle.py reads them from its cache) is already normalized.
+    """
 
     OUTPUT_PROJECTIONS = ("o_proj",)  # what adds to the residual stream (`lm.residual_outputs`)
 
@@ -234,6 +240,9 @@ class Attention(nnx.Module):
         self.k_proj = Linear(cfg, rngs, D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg, rngs, D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg, rngs, N * H, D, ("heads", "embed"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg, H, "head_dim")
+            self.k_norm = RMSNorm(cfg, H, "head_dim")
         if cfg.parscale_n > 1:
             shape = (cfg.parscale_n, K, cfg.parscale_n_tokens, H)
             axes = declare(("stream", "kv_heads", "prefix", "head_dim"), "prefix")
@@ -258,6 +267,8 @@ class Attention(nnx.Module):
         q_PBSNH = checkpoint_name(self.q_proj(x_PBSD), "query_proj").reshape(P, B, S, N, H)
         k_PBSKH = checkpoint_name(self.k_proj(x_PBSD), "key_proj").reshape(P, B, S, K, H)
         v_PBSKH = checkpoint_name(self.v_proj(x_PBSD), "value_proj").reshape(P, B, S, K, H)
+        if hasattr(self, "q_norm"):
+            q_PBSNH, k_PBSKH = self.q_norm(q_PBSNH), self.k_norm(k_PBSKH)
         q_PBSNH, k_PBSKH = apply_rope(q_PBSNH, cos_BSH, sin_BSH), apply_rope(k_PBSKH, cos_BSH, sin_BSH)
 
         if cache is None:  # the prefix (not rotated), then the tokens

@@ -23,6 +23,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = True  # Qwen2: True, Llama: False
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3)
     tie_embeddings: bool = True
     max_position_embeddings: int = 2048
     dtype: str = "float32"  # compute dtype

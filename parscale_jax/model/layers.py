@@ -81,8 +81,11 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig):
-        self.weight = nnx.Param(jnp.ones((cfg.hidden_size,), jnp.dtype(cfg.param_dtype)), **declare(("norm",), "norm"))
+    """Over the hidden size, or over `width` features along logical axis `axis` (a head's, say)."""
+
+    def __init__(self, cfg: ModelConfig, width: int | None = None, axis: str = "norm"):
+        width = cfg.hidden_size if width is None else width
+        self.weight = nnx.Param(jnp.ones((width,), jnp.dtype(cfg.param_dtype)), **declare((axis,), "norm"))
         self.eps = cfg.rms_norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
 

@@ -13,12 +13,15 @@ from transformers import PretrainedConfig
 
 
 class Qwen2ParScaleConfig(PretrainedConfig):
-    """Qwen2 hyper-parameters plus the three ParScale ones.
+    """Qwen2 hyper-parameters plus the three ParScale ones, and optionally Qwen3's q/k norms and a Mixture-of-Experts MLP.
 
     `parscale_n` is the number of parallel streams P (1 means a plain Qwen2 model), `parscale_n_tokens` the number T of
     learned prefix key/value slots each stream owns in every layer, and `parscale_attn_smooth` the smoothing ε applied
     to the aggregation weights (`w * (1 - ε) + ε / P`). `qkv_bias` selects Qwen2 (biased q/k/v projections) or Llama
-    (no biases) attention; configs without the key are Qwen2.
+    (no biases) attention; configs without the key are Qwen2. `qk_norm` RMS-normalizes every query and key head before
+    RoPE (Qwen3). `num_experts` > 0 makes every layer's MLP a Mixture of Experts as Qwen2-MoE's: `num_experts_per_tok`
+    experts of width `moe_intermediate_size` per token, their softmax weights renormalized with `norm_topk_prob`, plus
+    a sigmoid-gated shared expert of width `shared_expert_intermediate_size` (0: none).
     """
 
     model_type = "qwen2_parscale"
@@ -43,6 +46,12 @@ class Qwen2ParScaleConfig(PretrainedConfig):
         rope_parameters: dict[str, Any] | None = None,
         rope_scaling: dict[str, Any] | None = None,
         qkv_bias: bool = True,
+        qk_norm: bool = False,
+        num_experts: int = 0,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int | None = None,
+        shared_expert_intermediate_size: int = 0,
+        norm_topk_prob: bool = False,
         attention_dropout: float = 0.0,
         use_sliding_window: bool = False,
         sliding_window: int | None = None,
@@ -84,6 +93,12 @@ class Qwen2ParScaleConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.qkv_bias = qkv_bias
+        self.qk_norm = qk_norm
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size if moe_intermediate_size is not None else intermediate_size
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.norm_topk_prob = norm_topk_prob
         self.attention_dropout = attention_dropout
         self.use_sliding_window = False
         self.sliding_window = None

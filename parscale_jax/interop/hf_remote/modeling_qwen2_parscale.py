@@ -8,6 +8,10 @@ P streams that share every backbone weight; stream p differs only by the learned
 attention keys/values of every layer. After the final norm, a small MLP scores the P streams per token, and the output
 hidden state is their softmax-weighted sum. P = 1 is exactly a plain Qwen2 model.
 
+Beyond the official code: `qk_norm` normalizes each query and key head before RoPE (as Qwen3; the prefixes are keys as
+attention uses them, never normalized or rotated), and `num_experts` > 0 replaces every MLP by a Mixture of Experts
+with Qwen2-MoE's routing and tensor names (`mlp.gate`, `mlp.experts.{e}.*_proj`, `mlp.shared_expert*`).
+
 Layouts. Hidden states between layers are `[P * B, S, H]` with stream-major rows (row `p * B + b` is stream p of
 sequence b). Inside attention the streams are folded into the head axis instead, `[B, P * heads, S, head_dim]`, so the
 KV cache keeps the caller's batch as its leading axis: `generate`'s beam search reorders that axis by sequence, which
@@ -65,15 +69,50 @@ class Qwen2ParScaleRMSNorm(nn.Module):
 
 
 class Qwen2ParScaleMLP(nn.Module):
-    def __init__(self, config: Qwen2ParScaleConfig) -> None:
+    def __init__(self, config: Qwen2ParScaleConfig, width: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = config.intermediate_size if width is None else width
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2ParScaleSparseMoeBlock(nn.Module):
+    """`num_experts` SwiGLU experts, `num_experts_per_tok` per token, and an optional sigmoid-gated shared expert.
+
+    Routing is in float32: a softmax over all the router's logits, the k largest kept (renormalized to sum to 1 with
+    `norm_topk_prob`). Every token is routed (no capacity limit). The P streams are just more tokens.
+    """
+
+    def __init__(self, config: Qwen2ParScaleConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            Qwen2ParScaleMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = Qwen2ParScaleMLP(config, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        probs = nn.functional.softmax(nn.functional.linear(rows.float(), self.gate.weight.float()), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(rows)
+        for index, expert in enumerate(self.experts):
+            token, choice = torch.where(chosen == index)
+            if token.numel():  # only the tokens routed to this expert
+                out.index_add_(0, token, expert(rows[token]) * weights[token, choice, None].to(rows.dtype))
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
+        return out.view_as(x)
 
 
 class Qwen2ParScaleAttention(nn.Module):
@@ -93,6 +132,9 @@ class Qwen2ParScaleAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        # Identity modules hold no tensors, so a checkpoint without q/k norms has none.
+        self.q_norm = Qwen2ParScaleRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = Qwen2ParScaleRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
         self.n_prefix = config.parscale_n_tokens if self.n_streams > 1 else 0
         if self.n_prefix:
             prefix_shape = (self.n_streams, self.n_kv_heads, config.parscale_n_tokens, self.head_dim)
@@ -120,8 +162,8 @@ class Qwen2ParScaleAttention(nn.Module):
         batch = rows // self.n_streams
         groups = self.n_heads // self.n_kv_heads
         cos, sin = rotary
-        q = _apply_rotary(self._split_heads(self.q_proj(hidden_states), self.n_heads), cos, sin)
-        k = _apply_rotary(self._split_heads(self.k_proj(hidden_states), self.n_kv_heads), cos, sin)
+        q = _apply_rotary(self.q_norm(self._split_heads(self.q_proj(hidden_states), self.n_heads)), cos, sin)
+        k = _apply_rotary(self.k_norm(self._split_heads(self.k_proj(hidden_states), self.n_kv_heads)), cos, sin)
         v = self._split_heads(self.v_proj(hidden_states), self.n_kv_heads)
         k = k.reshape(batch, self.n_streams * self.n_kv_heads, seq_len, self.head_dim)
         v = v.reshape(batch, self.n_streams * self.n_kv_heads, seq_len, self.head_dim)
@@ -154,7 +196,7 @@ class Qwen2ParScaleDecoderLayer(nn.Module):
         self.input_layernorm = Qwen2ParScaleRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Qwen2ParScaleAttention(config, layer_idx)
         self.post_attention_layernorm = Qwen2ParScaleRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = Qwen2ParScaleMLP(config)
+        self.mlp = Qwen2ParScaleSparseMoeBlock(config) if config.num_experts else Qwen2ParScaleMLP(config)
 
     def forward(
         self,

@@ -1,0 +1,77 @@
+"""Sparse upcycling (Komatsuzaki et al., 2022): a Mixture-of-Experts run made from a dense one.
+
+Every expert starts as a copy of the dense MLP (each copy, with `noise` R > 0, plus Gaussian noise
+of R times that weight's RMS, so the experts can part ways); the router is new (normal with
+model.init_std, seeded by train.seed); everything else, the ParScale prefixes and aggregator included, is copied. With
+renormalized top-k and no dropped tokens (`model.moe_renormalize=true`, `model.moe_capacity_factor=0`)
+and no noise, every token's k weights sum to 1 over identical experts, so the new model computes
+exactly what the dense one did. The new run records its lineage and trains with a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from parscale_jax.config import MOE_FIELDS, load_config, to_dict
+from parscale_jax.errors import ConfigError
+from parscale_jax.layout import Layout
+from parscale_jax.model.config import ModelConfig
+from parscale_jax.runs import Run, check_new, initial_weights, read_source
+
+def _same_apart_from_moe(new: ModelConfig, old: ModelConfig) -> bool:
+    defaults = ModelConfig()
+    plain = {name: getattr(defaults, name) for name in MOE_FIELDS}
+    return dataclasses.replace(new, ffn=old.ffn, **plain) == old
+
+
+def upcycle(source: str | Path, out: str | Path, overrides: list[str] | None = None, noise: float = 0.0
+            ) -> dict[str, Any]:
+    """Write the upcycled run `out` (its config: the source's with `model.ffn=moe`, then
+    `overrides`); returns a summary."""
+    out = Path(out)
+    check_new(out)
+    if noise < 0:
+        raise ConfigError("--noise", f"must be >= 0, got {noise}")
+    source = read_source(source, "upcycle")
+    config, params = source.config, source.params
+    if config.model.ffn == "moe":
+        raise ConfigError("--from", f"{source.parent['path']} is already a Mixture-of-Experts model (model.ffn=moe)")
+    if config.model.ffn != "swiglu":
+        raise ConfigError("--from", f"upcycling copies a SwiGLU MLP into the experts, not model.ffn={config.model.ffn}")
+    values = to_dict(config)
+    values["model"]["ffn"] = "moe"
+    new = load_config(base=values, overrides=list(overrides or ()))
+    m = new.model
+    if m.ffn != "moe" or not _same_apart_from_moe(m, config.model):
+        raise ConfigError("overrides", "upcycle keeps the model's shape; only Mixture-of-Experts options "
+                          f"({', '.join('model.' + name for name in MOE_FIELDS)}) may be given")
+    if m.moe_intermediate_size not in (0, m.intermediate_size):
+        raise ConfigError("model.moe_intermediate_size", f"the experts are copies of the {m.intermediate_size}-wide "
+                          f"MLP, got {m.moe_intermediate_size}")
+    if m.moe_shared_expert_size:
+        raise ConfigError("model.moe_shared_expert_size", "upcycling makes routed experts only; leave it 0")
+
+    rng = np.random.default_rng(new.train.seed)
+    dense = params["layers"]["mlp"]
+    router_LDE = m.init_std * rng.standard_normal((m.num_layers, m.hidden_size, m.num_experts))
+    experts: dict[str, Any] = {"router": {"kernel": router_LDE.astype(dense["gate_proj"]["kernel"].dtype)}}
+    for name in ("gate_proj", "up_proj", "down_proj"):  # each [L, I, O] becomes E copies [L, E, I, O]
+        weight_LIO = np.asarray(dense[name]["kernel"])
+        copies_LEIO = np.repeat(weight_LIO[:, None], m.num_experts, axis=1)
+        if noise:
+            rms = float(np.sqrt(np.mean(np.square(weight_LIO, dtype=np.float64))))
+            copies_LEIO = copies_LEIO + (noise * rms * rng.standard_normal(copies_LEIO.shape)).astype(copies_LEIO.dtype)
+        experts[name] = copies_LEIO
+    params = dict(params, layers=dict(params["layers"], mlp=experts))
+    layout = Layout.create(new)
+    with jax.set_mesh(layout.mesh):
+        initial = initial_weights(layout, params, m, np.dtype(m.param_dtype))
+        Run.create(out, new, initial, "upcycle", [source.parent], num_experts=m.num_experts,
+                   experts_per_token=m.experts_per_token, noise=noise)
+    return {"run_dir": str(out.absolute()), "num_experts": m.num_experts, "experts_per_token": m.experts_per_token,
+            "noise": noise, "function_preserving": noise == 0 and m.moe_renormalize and m.moe_capacity_factor == 0}
