@@ -59,7 +59,7 @@ def test_gpu_plan_reports_exact_parameter_and_optimizer_bytes(tmp_path):
     # Every matrix is split 2 (data) x 2 (model) ways, the prefixes and aggregator by stream: at most
     # a third of the replicated size is left (norms and biases stay whole).
     assert sharded["params_bytes"] < replicated["params_bytes"] / 3
-    assert sharded["mesh"] == {"data": 2, "stream": 2, "model": 2}
+    assert sharded["mesh"] == {"data": 2, "expert": 1, "stream": 2, "model": 2}
 
 
 def test_plan_exit_status_says_whether_it_fits(tmp_path):
@@ -116,7 +116,7 @@ def test_bad_targets_are_one_line_errors(tmp_path, args, fragment):
 def test_tpu_plan_is_compiled_by_the_tpu_compiler(tmp_path):
     code, stdout, _, report = plan(tmp_path, "--topology", "v5e-8", *TINY, "mesh.stream=2", "mesh.model=4")
     assert code == 0, stdout
-    assert report["exact"] and report["devices"] == 8 and report["mesh"] == {"data": 1, "stream": 2, "model": 4}
+    assert report["exact"] and report["devices"] == 8 and report["mesh"] == {"data": 1, "expert": 1, "stream": 2, "model": 4}
     assert report["memory_per_device_bytes"] == 15.75 * 1024**3
     assert "the target's compiler" in stdout and "\nFITS (compiled in " in stdout  # exact: no caveat
 
@@ -127,7 +127,25 @@ def test_splash_attention_compiles_for_a_tpu_mesh(tmp_path):
     code, stdout, stderr, report = plan(tmp_path, "--topology", "v5e-8", *TINY, "model.attention=splash",
                                         "mesh.data=2", "mesh.stream=2", "mesh.model=2")
     assert code == 0, stdout + stderr
-    assert report["exact"] and report["mesh"] == {"data": 2, "stream": 2, "model": 2}
+    assert report["exact"] and report["mesh"] == {"data": 2, "expert": 1, "stream": 2, "model": 2}
+
+
+def test_a_moe_plan_compiles_with_an_expert_axis_for_a_tpu(tmp_path):
+    """Experts split four ways on a v5e-8 (the exchange an all-to-all inside shard_map): each chip
+    holds a quarter of the experts' weights and Adam moments."""
+    moe = [*TINY, "model.ffn=moe", "model.num_experts=4", "model.experts_per_token=2", "model.moe_capacity_factor=1.25",
+           "mesh.stream=2"]
+    reports = {}
+    for data, experts in ((4, 1), (1, 4)):  # the batch over 4 devices either way
+        code, stdout, stderr, reports[experts] = plan(tmp_path, "--topology", "v5e-8", *moe, f"mesh.data={data}",
+                                                      f"mesh.expert={experts}")
+        assert code == 0, stdout + stderr
+    assert reports[4]["exact"] and reports[4]["mesh"] == {"data": 1, "expert": 4, "stream": 2, "model": 1}
+    assert reports[1]["parameters"] == reports[4]["parameters"]
+    L, E, D, F = 2, 4, 64, 128
+    split_off = 4 * L * E * 3 * D * F * 3 // 4  # float32: the three fourths of the experts a chip no longer holds
+    assert reports[1]["params_bytes"] - reports[4]["params_bytes"] == split_off
+    assert reports[1]["opt_state_bytes"] - reports[4]["opt_state_bytes"] == 2 * split_off
 
 
 def test_tpu_plan_refuses_what_does_not_fit(tmp_path):
