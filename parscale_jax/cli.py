@@ -286,6 +286,22 @@ def cmd_bench_recycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_moe(args: argparse.Namespace) -> int:
+    from parscale_jax.analysis import bench_moe
+
+    options = bench_moe.MoEOptions(experts=args.experts, top_k=args.top_k, capacity=args.capacity,
+                                   streams=args.moe_streams, seq_lens=args.seq_lens,
+                                   tokens_per_step=args.tokens_per_step, upcycle_steps=args.upcycle_steps)
+    started = time.perf_counter()
+    result = bench_moe.run(load(args), Path(args.work), options, progress=not args.no_progress)
+    result.update(seconds=round(time.perf_counter() - started, 1), config=args.config, overrides=args.overrides)
+    path = write_json(Path(args.out) / "moe.json", result)
+    print(f"== moe ({result['seconds']} s; {path})")
+    print(bench_moe.format_report(result))
+    plot_or_say(lambda: bench_moe.plot(result, Path(args.out) / "moe.png"))
+    return 0
+
+
 def cmd_fit_law(args: argparse.Namespace) -> int:
     from parscale_jax.analysis import scaling_law
 
@@ -488,7 +504,26 @@ COMMANDS = (
                                    help="where the runs go (resumed if there)"),
                             out("where recycle.json and recycle.png go", default="bench/results"),
                             NO_PROGRESS,
-                            overrides("data/train settings, e.g. train.steps=200 train.eval_every=25"))))),
+                            overrides("data/train settings, e.g. train.steps=200 train.eval_every=25"))),
+                Command("moe", cmd_bench_moe, "Mixture-of-Experts against the dense model of equal active "
+                        "parameters: training speed and memory, held-out loss on equal tokens (with P streams "
+                        "too), and upcycling against continued dense training", options=(
+                            config("default", "the dense model and its training"),
+                            option("--experts", type=int_list, default=(4, 8), help="numbers of experts"),
+                            option("--top-k", type=int, default=2, help="experts per token (each F/k wide)"),
+                            option("--capacity", type=float, default=1.25, help="model.moe_capacity_factor"),
+                            option("--streams", dest="moe_streams", type=int, default=2,
+                                   help="P of the MoE run with streams"),
+                            option("--seq-lens", type=int_list, default=(1024, 4096),
+                                   help="sequence lengths of the speed and memory comparison"),
+                            option("--tokens-per-step", type=int, default=4096,
+                                   help="tokens per step of the speed comparison"),
+                            option("--upcycle-steps", type=int, default=150,
+                                   help="steps of continued and upcycled training"),
+                            option("--work", default="bench/moe-work", help="where the runs go (resumed if there)"),
+                            out("where moe.json and moe.png go", default="bench/results"),
+                            NO_PROGRESS,
+                            overrides("e.g. train.steps=300"))))),
     Command("fit-law", cmd_fit_law, "fit the parallel scaling law L = (A / (N (k ln P + 1)))^alpha + E to measured "
             "losses", description="RESULTS is a CSV with columns non_embedding_params (or N), P and final_loss (or "
             "eval_loss, loss). The fit is the paper's: Huber loss on log losses, L-BFGS-B from a grid of starts.",

@@ -161,34 +161,44 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / median_seconds(lambda: product(a), repeats)
 
 
-def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5,
-                     peer: str | None = None) -> list[dict[str, Any]]:
-    """Training tokens/s and model FLOP utilization for every P, the peak measured in the same run;
-    with `peer="torch"` the PyTorch implementation's tokens/s too, measured right after ours."""
+def train_step_figures(config: Config, steps: int) -> dict[str, float]:
+    """Training tokens/s of `config`'s step on one device (random tokens, the mean over `steps`
+    steps after one to warm up) and the compiled step's memory (bytes)."""
     from parscale_jax.training.step import Trainer, shardings_of
 
-    peak = matmul_peak_flops()
     B, S = config.train.batch_size, config.data.seq_len
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (B, S + 1)).astype(np.int32)
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, S), np.int32),
              "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)), "loss_mask": np.ones((B, S), np.int32)}
+    trainer = Trainer.of(config)
+    layout = Layout.one_device(config.model)
+    with jax.set_mesh(layout.mesh):
+        state = trainer.init_state(layout, jax.jit(lambda: init_params(config.model, 0))())
+        halted = jnp.zeros((), bool)
+        step = trainer.train_step(layout, shardings_of(state), {}).lower(state, {}, batch, halted).compile()
+        memory = step.memory_analysis()
+        state, metrics = step(state, {}, batch, halted)  # run once
+        jax.block_until_ready(metrics)  # before the clock starts: the steps run asynchronously
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, {}, batch, halted)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / steps
+    memory_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                    + memory.temp_size_in_bytes)
+    return {"tokens_per_s": B * S / seconds, "memory_bytes": memory_bytes}
+
+
+def train_throughput(config: Config, streams=(1, 2, 4, 8), steps: int = 5,
+                     peer: str | None = None) -> list[dict[str, Any]]:
+    """Training tokens/s and model FLOP utilization for every P, the peak measured in the same run;
+    with `peer="torch"` the PyTorch implementation's tokens/s too, measured right after ours."""
+    peak = matmul_peak_flops()
+    S = config.data.seq_len
     rows, base = [], None
     for P in streams:
         cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, parscale_n=P))
-        trainer = Trainer.of(cfg)
-        layout = Layout.one_device(cfg.model)
-        with jax.set_mesh(layout.mesh):
-            state = trainer.init_state(layout, jax.jit(lambda: init_params(cfg.model, 0))())
-            step = trainer.train_step(layout, shardings_of(state), {})
-            halted = jnp.zeros((), bool)
-            state, metrics = step(state, {}, batch, halted)  # compile, and run once
-            jax.block_until_ready(metrics)  # before the clock starts: the steps run asynchronously
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = step(state, {}, batch, halted)
-            jax.block_until_ready(metrics)
-            seconds = (time.perf_counter() - start) / steps
-        tokens_per_s = B * S / seconds
+        tokens_per_s = train_step_figures(cfg, steps)["tokens_per_s"]
         flops = tokens_per_s * train_flops_per_token(cfg.model, S)
         base = base or tokens_per_s
         row = {"P": P, "tokens_per_s": tokens_per_s, "model_flops_per_s": flops, "peak_flops_per_s": peak,
