@@ -28,6 +28,11 @@ def test_widths_keep_the_base_models_shape():
     assert (narrow.num_heads, narrow.num_kv_heads) == (1, 1)
     with pytest.raises(ConfigError, match="width 12 is not a multiple of the base model's head size 8"):
         sweep.scaled_model(base, 12, 1)
+    moe = load_config(None, [*BASE, "model.ffn=moe", "model.num_experts=4", "model.moe_intermediate_size=40",
+                             "model.moe_shared_expert_size=24"]).model
+    wide = sweep.scaled_model(moe, 64, 2)
+    assert (wide.moe_intermediate_size, wide.moe_shared_expert_size, wide.num_experts) == (80, 48, 4)
+    assert sweep.scaled_model(base, 64, 1).moe_intermediate_size == 0  # 0 stays "the MLP's width"
 
 
 def test_every_run_trains_on_the_same_tokens():
@@ -58,7 +63,7 @@ def test_sweep_trains_the_grid_fits_the_law_and_skips_finished_runs(tmp_path, ca
     assert [(r["hidden_size"], r["P"]) for r in rows] == [("16", "1"), ("16", "2"), ("32", "1"), ("32", "2")]
     runs = sweep.grid(load_config(packaged_config_path("sweep"), BASE), (16, 32), (1, 2), 2048)
     for row, config in zip(rows, runs.values()):
-        assert int(row["non_embedding_params"]) == non_embedding_params(config.model)
+        assert int(row["non_embedding_params"]) == int(row["active_params"]) == non_embedding_params(config.model)
         assert (int(row["tokens"]), int(row["steps"])) == (2048, 8)
         assert 3.0 < float(row["eval_loss"]) < 6.0  # trained a little from ln 320 = 5.77
         assert json.loads((out / row["run"] / "result.json").read_text())["eval_loss"] == float(row["eval_loss"])

@@ -25,18 +25,19 @@ from parscale_jax.errors import ConfigError
 from parscale_jax.evaluate import evaluate_run
 from parscale_jax.files import write_atomic
 from parscale_jax.layout import resolve_mesh
-from parscale_jax.model.counting import non_embedding_params, total_params
+from parscale_jax.model.counting import active_non_embedding_params, non_embedding_params, total_params
 from parscale_jax.runs import Run
 from parscale_jax.training.loop import train
 
 RESULT = "result.json"
-COLUMNS = ("run", "hidden_size", "P", "non_embedding_params", "total_params", "tokens", "steps",
+COLUMNS = ("run", "hidden_size", "P", "non_embedding_params", "active_params", "total_params", "tokens", "steps",
            "train_loss", "eval_loss", "eval_tokens", "tokens_per_s")
 
 
 def scaled_model(base: ModelConfig, width: int, parscale_n: int) -> ModelConfig:
     """`base` at `width` channels with P streams: the head size, the query-to-KV-head ratio and the
-    MLP-to-width ratio stay those of `base`; the depth stays too."""
+    MLP-to-width ratios (of a Mixture-of-Experts' experts and shared expert too) stay those of
+    `base`; the depth and the number of experts stay too."""
     head_dim = base.head_dim
     if width % head_dim:
         raise ConfigError("--sizes", f"width {width} is not a multiple of the base model's head size {head_dim}")
@@ -44,9 +45,14 @@ def scaled_model(base: ModelConfig, width: int, parscale_n: int) -> ModelConfig:
     kv_heads = max(heads // (base.num_heads // base.num_kv_heads), 1)
     if heads % kv_heads:
         raise ConfigError("--sizes", f"width {width} gives {heads} heads, which {kv_heads} KV heads do not divide")
-    mlp = max(round(width * base.intermediate_size / base.hidden_size / 8) * 8, 8)
+
+    def scaled(size: int) -> int:
+        return max(round(width * size / base.hidden_size / 8) * 8, 8) if size else 0
+
     return dataclasses.replace(base, hidden_size=width, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                               intermediate_size=mlp, parscale_n=parscale_n)
+                               intermediate_size=scaled(base.intermediate_size), parscale_n=parscale_n,
+                               moe_intermediate_size=scaled(base.moe_intermediate_size),
+                               moe_shared_expert_size=scaled(base.moe_shared_expert_size))
 
 
 def grid(base: Config, widths: tuple[int, ...], streams: tuple[int, ...], tokens: int | None) -> dict[str, Config]:
@@ -77,7 +83,8 @@ def run_one(name: str, config: Config, run_dir: Path, progress: bool) -> dict[st
     evaluation = evaluate_run(Run(run_dir, config))
     t = config.train
     row = {"run": name, "hidden_size": config.model.hidden_size, "P": config.model.parscale_n,
-           "non_embedding_params": non_embedding_params(config.model), "total_params": total_params(config.model),
+           "non_embedding_params": non_embedding_params(config.model),
+           "active_params": active_non_embedding_params(config.model), "total_params": total_params(config.model),
            "tokens": t.steps * t.batch_size * config.data.seq_len, "steps": t.steps,
            "train_loss": last.get("loss"), "eval_loss": evaluation["loss"],
            "eval_tokens": evaluation["target_tokens"], "tokens_per_s": last.get("tokens_per_s")}
