@@ -10,7 +10,7 @@ from typing import Any
 from parscale_jax.checkpoint import complete_steps
 from parscale_jax.config import config_differences, load_config, to_dict
 from parscale_jax.growth import Schedule, describe
-from parscale_jax.model.counting import non_embedding_params, total_params
+from parscale_jax.model.counting import active_non_embedding_params, non_embedding_params, total_params
 from parscale_jax.runs import Run
 
 
@@ -43,8 +43,8 @@ def run_info(run: Run) -> dict[str, Any]:
         "run_dir": str(run.directory.absolute()),
         "steps_done": done, "steps": config.train.steps, "complete": done >= config.train.steps,
         "checkpoints": checkpoints, "damaged": damaged,
-        "model": describe(model), "parameters": total_params(model), "non_embedding_parameters":
-            non_embedding_params(model),
+        "model": describe(model) + _experts(model), "parameters": total_params(model), "non_embedding_parameters":
+            non_embedding_params(model), "active_non_embedding_parameters": active_non_embedding_params(model),
         "growth": [{"step": stage.step, "ramp_ends": stage.step + stage.ramp_steps, "model": describe(grown),
                     "begun": done > stage.step}
                    for stage, grown in zip(config.train.growth, schedule.models[1:])],
@@ -53,6 +53,14 @@ def run_info(run: Run) -> dict[str, Any]:
         "last_logged": _last_logged(run),
         "differs_from_default": {key: new for key, (_, new) in config_differences(default, to_dict(config)).items()},
     }
+
+
+def _experts(model) -> str:
+    if model.ffn != "moe":
+        return ""
+    width = model.moe_intermediate_size or model.intermediate_size
+    shared = f", a shared expert of {model.moe_shared_expert_size}" if model.moe_shared_expert_size else ""
+    return f"; {model.num_experts} experts of {width}, {model.experts_per_token} per token{shared}"
 
 
 def _lineage_lines(lineage: dict[str, Any] | None, indent: str = "  ") -> list[str]:
@@ -76,7 +84,9 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [f"run          {info['run_dir']}",
              f"steps        {info['steps_done']} of {info['steps']} ({status})",
              f"model        {info['model']}: {info['parameters']:,} parameters "
-             f"({info['non_embedding_parameters']:,} non-embedding)"]
+             f"({info['non_embedding_parameters']:,} non-embedding"
+             + (f", {info['active_non_embedding_parameters']:,} active per token)"
+                if info["active_non_embedding_parameters"] != info["non_embedding_parameters"] else ")")]
     for folder, steps in info["checkpoints"].items() or {"checkpoints": []}.items():
         lines.append(f"{folder:<12} {', '.join(map(str, steps)) or 'none yet'}"
                      + (" (and starting weights as step 0)" if info["starting_weights"] else ""))
