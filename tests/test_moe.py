@@ -306,3 +306,39 @@ def test_upcycling_refuses_what_it_cannot_do(dense_runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "again").exists()
+
+
+def test_cached_generation_with_experts_and_streams_equals_recomputation():
+    """Decoding routes one token at a time (never dropped); dropless, that is what the full forward
+    pass computes for the same tokens."""
+    from parscale_jax.config import SamplingConfig
+    from parscale_jax.inference.generate import Generator
+    from parscale_jax.layout import Layout
+    from parscale_jax.model import init_params, model_graphdef
+
+    config = load_config(overrides=[*TINY, *MOE, "model.init_std=0.2"])
+    cfg = config.model
+    params = jax.tree.map(np.asarray, jax.jit(lambda: init_params(cfg, 1))())
+    layout = Layout.create(config)
+    prompt = [5, 17, 42, 9, 100, 3]
+    with jax.set_mesh(layout.mesh):
+        generator = Generator(model_graphdef(cfg), cfg, layout, 1, 24, SamplingConfig(max_new_tokens=8))
+        (tokens,), logits = generator.run(params, [prompt], keep_logits=True)
+    model = nnx.merge(model_graphdef(cfg), nnx.State(params))
+    recomputed = np.asarray(model(np.asarray([prompt + tokens]))[0])[0, 5:13]
+    np.testing.assert_allclose(logits[:, 0], recomputed, atol=1e-4, rtol=0)
+
+
+def test_identity_blocks_inserted_into_a_moe_run_keep_its_logits(dense_runs, tmp_path):
+    """`upscale --insert --identity` zeroes the experts' output projections (the entry's
+    OUTPUT_PROJECTIONS): the deeper MoE model computes what the MoE model did."""
+    from parscale_jax.transforms.upscale import upscale
+
+    moe, deeper = tmp_path / "moe", tmp_path / "deeper"
+    from parscale_jax.transforms.upcycle import upcycle
+
+    upcycle(dense_runs[2], moe, ["model.num_experts=4"], noise=0.05)
+    upscale(moe, deeper, insert=1)
+    tokens = np.random.default_rng(1).integers(0, 320, (2, 16)).astype(np.int32)
+    want = step0_logits(moe, tokens)
+    np.testing.assert_allclose(step0_logits(deeper, tokens), want, rtol=0, atol=1e-5 * np.max(np.abs(want)))

@@ -54,8 +54,19 @@ def activation_axes(cfg: ModelConfig) -> dict[str, tuple[int, str]]:
 def residual_outputs(cfg: ModelConfig) -> list[tuple[str, ...]]:
     """The projections whose outputs a layer adds to the residual stream, as paths under `layers`:
     with them zero, the layer adds nothing (what `upscale --identity` inserts)."""
-    return [("self_attn", *name.split("/")) for name in Attention.OUTPUT_PROJECTIONS] + \
+    paths = [("self_attn", *name.split("/")) for name in Attention.OUTPUT_PROJECTIONS] + \
         [("mlp", *name.split("/")) for name in FFN_TYPES[cfg.ffn].OUTPUT_PROJECTIONS]
+    declared = param_info(cfg)["layers"]
+
+    def exists(path) -> bool:  # an optional part (a MoE's shared expert) may be absent
+        tree = declared
+        for key in path:
+            if not isinstance(tree, dict) or key not in tree:
+                return False
+            tree = tree[key]
+        return True
+
+    return [path for path in paths if exists(path)]
 
 
 def prefix_slots(cfg: ModelConfig) -> int:
