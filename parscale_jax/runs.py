@@ -279,9 +279,12 @@ class Source:
     parent: dict[str, Any]
 
 
-# What a checkpoint fixes; overrides may change the rest (P, T, ε, dtypes, remat).
+# What a checkpoint fixes; overrides may change the rest (P, T, ε, dtypes, remat, a MoE's capacity
+# and dispatch).
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                       "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "qkv_bias", "tie_embeddings")
+                       "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "qkv_bias", "qk_norm",
+                       "tie_embeddings", "ffn", "num_experts", "experts_per_token", "moe_intermediate_size",
+                       "moe_renormalize", "moe_shared_expert_size", "moe_every")
 
 
 def hf_run_config(directory: Path, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> Config:
@@ -306,7 +309,8 @@ def checkpoint_run_config(checkpoint: ModelConfig, tokenizer: Path | None, overr
     for name in ARCHITECTURE_FIELDS:
         if getattr(config.model, name) != getattr(checkpoint, name):
             raise ConfigError(f"model.{name}", f"is fixed by the checkpoint ({getattr(checkpoint, name)}); "
-                              "only parscale_*, dtype, param_dtype, remat and init_std can change")
+                              "only parscale_*, dtype, param_dtype, remat, init_std, "
+                              "moe_capacity_factor and moe_impl can change")
     return config
 
 

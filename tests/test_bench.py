@@ -86,3 +86,25 @@ def test_bench_measures_the_torch_peer_side_by_side(tmp_path, capsys):
                for r in train)
     decode = json.loads((out / "decode.json").read_text())["rows"]
     assert all(r["peer_latency_s"] > 0 and r["floor_s"] > 0 for r in decode)
+
+
+def test_bench_moe_compares_with_the_dense_model_of_equal_active_parameters(tmp_path, capsys):
+    """Every part on a tiny model: speed side by side, held-out losses of dense, MoE and MoE with
+    streams on equal tokens, upcycling against continued training; a second call trains nothing."""
+    args = ["bench", "moe", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--no-progress",
+            "--experts", "2", "--top-k", "1", "--seq-lens", "32", "--tokens-per-step", "64", "--upcycle-steps", "1",
+            *BASE, "model.num_layers=1", "train.steps=2", "train.warmup_steps=0", "train.eval_every=2",
+            "train.eval_batches=1", "train.batch_size=2"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "out" / "moe.json").read_text())
+    (speed,) = result["speed"]
+    assert speed["seq_len"] == 32 and speed["batch"] == 2 and speed["throughput_ratio"] > 0
+    quality = result["quality"]
+    assert list(quality) == ["dense", "moe2", "moe2-p2"]
+    assert quality["moe2"]["active_params"] < quality["moe2"]["params"]
+    assert quality["moe2"]["train_flops_per_token"] == pytest.approx(quality["dense"]["train_flops_per_token"], rel=0.05)
+    assert all(len(r["curve"]) == 1 and r["curve"][0]["tokens"] == 2 * 2 * 32 for r in quality.values())
+    assert set(result["upcycling"]) == {"dense-continued", "upcycled"}
+    assert "upcycling" in capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished already") == 5

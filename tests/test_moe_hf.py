@@ -20,6 +20,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from conftest import TINY
+from parscale_jax.cli import main
 from parscale_jax.config import SamplingConfig, load_config
 from parscale_jax.errors import ConfigError
 from parscale_jax.inference.generate import Generator
@@ -35,7 +36,9 @@ DENSE = [*TINY, "model.parscale_n=1", "model.init_std=0.1", "model.max_position_
          "model.tie_embeddings=false", "train.batch_size=4"]
 OURS = [*DENSE, "model.ffn=moe", "model.num_experts=4", "model.experts_per_token=2", "model.moe_intermediate_size=48"]
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
+pytestmark = [pytest.mark.usefixtures("torch_single_thread"),
+              # transformers' Qwen2-MoE initializes the width-0 shared expert a model without one is written with
+              pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,15 @@ def load_hf(directory):
         directory, trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
+
+
+def our_random_params(cfg, seed: int) -> dict:
+    """Freshly initialized, with every norm gain (the q/k norms' too) moved off 1 so that a swap shows."""
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(np.asarray, jax.jit(lambda: init_params(cfg, seed))())
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * (1 + 0.2 * rng.standard_normal(x.shape, np.float32)) if "norm" in jax.tree_util.keystr(path)
+        else x, params)
 
 
 def randomized(model):
@@ -94,8 +106,16 @@ def test_imported_checkpoints_give_transformers_logits(tmp_path, ids, kind):
     cfg, params = hf.read_hf_checkpoint(tmp_path)
     assert {key: getattr(cfg, key) for key in expected} == expected
     if cfg.ffn == "moe":
-        assert (cfg.num_experts, cfg.experts_per_token, cfg.moe_intermediate_size, cfg.moe_capacity_factor) == (4, 2, 48, 0)
+        assert (cfg.num_experts, cfg.experts_per_token, cfg.moe_intermediate_size) == (4, 2, 48)
+        assert cfg.moe_capacity_factor == 0  # dropless
     np.testing.assert_allclose(our_logits(params, cfg, ids), torch_logits(model, ids), atol=1e-4, rtol=0)
+    # Written back, it is the same family with the same tensors, name for name.
+    out = hf.write_hf_checkpoint(tmp_path / "ours", params, cfg, "byte")
+    assert json.loads((out / "config.json").read_text())["model_type"] == model.config.model_type
+    source, ours = load_file(str(tmp_path / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(ours) == sorted(source)
+    for name, tensor in source.items():
+        np.testing.assert_array_equal(ours[name], tensor, err_msg=name)
 
 
 # Our P = 1 run's config -> the family it is written as
@@ -114,7 +134,7 @@ EXPORTS = {
 def test_exported_p1_runs_load_in_transformers_with_our_logits(tmp_path, ids, kind):
     overrides, architecture = EXPORTS[kind]
     cfg = load_config(overrides=overrides).model
-    params = jax.tree.map(np.asarray, jax.jit(lambda: init_params(cfg, 2))())
+    params = our_random_params(cfg, 2)
     out = hf.write_hf_checkpoint(tmp_path / "hf", params, cfg, "byte")
     model = load_hf(out)
     assert type(model).__name__ == architecture
@@ -129,9 +149,8 @@ def test_mixtral_names_are_its_own(tmp_path):
     cfg = load_config(overrides=[*OURS, "model.qkv_bias=false"]).model
     names = [t.name for t in hf.hf_tensors(cfg) if t.name.startswith("model.layers.1.")]
     assert "model.layers.1.block_sparse_moe.gate.weight" in names
-    assert {"model.layers.1.block_sparse_moe.experts.3.w1.weight", "model.layers.1.block_sparse_moe.experts.3.w2.weight",
-            "model.layers.1.block_sparse_moe.experts.3.w3.weight"} <= set(names)
-    assert not [name for name in names if ".mlp." in name or "_proj" in name and "self_attn" not in name]
+    assert {f"model.layers.1.block_sparse_moe.experts.3.{w}.weight" for w in ("w1", "w2", "w3")} <= set(names)
+    assert not [name for name in names if ".mlp." in name or ("_proj" in name and "self_attn" not in name)]
     # A Qwen2-MoE checkpoint of the same model keeps the Qwen names.
     assert "model.layers.1.mlp.experts.3.gate_proj.weight" in {t.name for t in hf.hf_tensors(cfg, "qwen2_moe")}
 
@@ -141,7 +160,7 @@ def p2_moe(tmp_path_factory):
     """(config, params, export dir) of a P = 2 MoE run with a shared expert and q/k norms."""
     cfg = load_config(overrides=[*OURS, "model.parscale_n=2", "model.qk_norm=true", "model.moe_shared_expert_size=40",
                                  "model.moe_renormalize=false"]).model
-    params = jax.tree.map(np.asarray, jax.jit(lambda: init_params(cfg, 3))())
+    params = our_random_params(cfg, 3)
     out = hf.write_hf_checkpoint(tmp_path_factory.mktemp("p2") / "hf", params, cfg, "byte")
     return cfg, params, out
 
@@ -181,13 +200,41 @@ def test_recycled_prefixes_are_the_backbones_normalized_keys(p2_moe, ids):
     T = cfg.parscale_n_tokens
     streams, backbone = split_params(params, cfg)
     context = ids[1, :T]
-    keys, values = context_prefixes(backbone, dataclasses.replace(load_config(), model=cfg), np.stack([context, context]))
+    config = dataclasses.replace(load_config(), model=cfg)
+    keys, values = context_prefixes(backbone, config, np.stack([context, context]))
     assert keys.shape == (cfg.num_layers, 2, cfg.num_kv_heads, T, cfg.head_dim)
     attention = {**streams["layers"]["self_attn"], "prefix_k": np.asarray(keys), "prefix_v": np.asarray(values)}
     recycled = merge_params(backbone, {**streams, "layers": {**streams["layers"], "self_attn": attention}})
     alone = dataclasses.replace(cfg, parscale_n=1)
     expected = our_logits(backbone, alone, np.concatenate([context, ids[0]])[None])[:, T:]
     np.testing.assert_allclose(our_logits(recycled, cfg, ids[:1]), expected, atol=1e-4, rtol=0)
+
+
+def test_a_qwen3_moe_checkpoint_imports_trains_and_exports_through_the_commands(tmp_path, ids, capsys):
+    """Import, two training steps that move the q/k norms too, and an export transformers loads as
+    Qwen3-MoE with our logits. The checkpoint fixes the experts and the norms; the capacity is ours."""
+    model = randomized(transformers.AutoModelForCausalLM.from_config(HF_MODELS["qwen3_moe"][0]()))
+    model.save_pretrained(tmp_path / "hf")
+    run, out = tmp_path / "run", tmp_path / "out"
+    settings = ["data.seq_len=32", "train.batch_size=4", "train.steps=2", "train.warmup_steps=0", "train.lr=1e-2",
+                "train.eval_every=0"]
+    capsys.readouterr()  # save_pretrained's progress
+    for fixed, fragment in (("model.num_experts=2", "model.num_experts: is fixed by the checkpoint (4)"),
+                            ("model.qk_norm=false", "model.qk_norm: is fixed by the checkpoint (True)")):
+        assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(run), *settings, fixed]) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "capacity"), *settings,
+                 "model.moe_capacity_factor=1.25"]) == 0
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(run), *settings]) == 0
+    assert main(["train", "--run-dir", str(run), "--no-progress"]) == 0
+    assert main(["export", "--run-dir", str(run), "--out", str(out)]) == 0
+    name = "model.layers.1.self_attn.k_norm.weight"
+    assert np.abs(load_file(str(out / "model.safetensors"))[name] - model.state_dict()[name].numpy()).max() > 1e-3
+    cfg, params = hf.read_hf_checkpoint(out)
+    exported = load_hf(out)
+    assert type(exported).__name__ == "Qwen3MoeForCausalLM"
+    np.testing.assert_allclose(torch_logits(exported, ids), our_logits(params, cfg, ids), atol=1e-4, rtol=0)
 
 
 # --- Refusals ---------------------------------------------------------------------------------

@@ -29,11 +29,10 @@ def torch_model(cfg: ModelConfig, seed: int = 0):
 
     torch.set_num_threads(threads())
     torch.manual_seed(seed)
-    fields = {key: value for key, value in config_to_hf(cfg, "float32", None).items()
+    # Our remote code computes every model we train, at any P (MoE and q/k norms included).
+    fields = {key: value for key, value in config_to_hf(cfg, "float32", None, "qwen2_parscale").items()
               if key not in ("architectures", "model_type", "auto_map", "torch_dtype")}
-    config = Qwen2ParScaleConfig(**{**fields, "qkv_bias": cfg.qkv_bias, "parscale_n": cfg.parscale_n,
-                                    "parscale_n_tokens": cfg.parscale_n_tokens,
-                                    "parscale_attn_smooth": cfg.parscale_attn_smooth})
+    config = Qwen2ParScaleConfig(**fields)
     return Qwen2ParScaleForCausalLM(config).float()
 
 

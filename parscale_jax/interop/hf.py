@@ -90,10 +90,10 @@ def _moe_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         return dict(ffn="moe", num_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
                     moe_intermediate_size=hf["intermediate_size"], moe_renormalize=True)
     if model_type in ("qwen2_moe", "qwen3_moe") or (model_type == "qwen2_parscale" and hf.get("num_experts")):
+        shared = 0 if model_type == "qwen3_moe" else hf.get("shared_expert_intermediate_size", 0)
         return dict(ffn="moe", num_experts=hf.get("num_experts") or hf["num_local_experts"],
                     experts_per_token=hf["num_experts_per_tok"], moe_intermediate_size=hf["moe_intermediate_size"],
-                    moe_renormalize=bool(hf.get("norm_topk_prob", False)),
-                    moe_shared_expert_size=0 if model_type == "qwen3_moe" else hf.get("shared_expert_intermediate_size", 0))
+                    moe_renormalize=bool(hf.get("norm_topk_prob", False)), moe_shared_expert_size=shared)
     return {}
 
 
@@ -116,7 +116,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", default_theta))),
         rms_norm_eps=float(hf["rms_norm_eps"]),
         qkv_bias=_qkv_bias(hf, model_type),
-        qk_norm=model_type in QK_NORM_FORMATS or bool(hf.get("qk_norm", False)),
+        qk_norm=model_type in QK_NORM_FORMATS or (model_type == "qwen2_parscale" and bool(hf.get("qk_norm"))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf["max_position_embeddings"],
         init_std=float(hf.get("initializer_range", 0.02)),
@@ -159,9 +159,10 @@ def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
 QWEN_MOE_LAYERS = {"decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False}  # every layer MoE
 
 
-def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict[str, Any]:
-    """`config.json` for our model, in the format `hf_format` picks."""
-    model_type = hf_format(cfg)
+def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None, model_type: str | None = None) -> dict[str, Any]:
+    """`config.json` for our model, in the format `hf_format` picks (or in `model_type`:
+    "qwen2_parscale", our remote code, computes every model, at any P)."""
+    model_type = model_type or hf_format(cfg)
     hf: dict[str, Any] = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 
 class Qwen2ParScaleConfig(PretrainedConfig):
-    """Qwen2 hyper-parameters plus the three ParScale ones, and optionally Qwen3's q/k norms and a Mixture-of-Experts MLP.
+    """Qwen2 hyper-parameters plus the three ParScale ones, optionally Qwen3's q/k norms and a Mixture-of-Experts MLP.
 
     `parscale_n` is the number of parallel streams P (1 means a plain Qwen2 model), `parscale_n_tokens` the number T of
     learned prefix key/value slots each stream owns in every layer, and `parscale_attn_smooth` the smoothing ε applied
