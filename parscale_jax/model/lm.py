@@ -16,8 +16,10 @@ K kv heads, G query heads per kv head, Q the queries of a kv head (G·S, its G h
 H head_dim, T prefix tokens, C key/value slots (T + S, or the cache length), P streams, F MLP width,
 V vocab, L layers, X the streams' hidden states side by side (P·D); R rows of packed data or of a
 flattened product, W a packed row's window of S + 1 tokens; M, I, O a linear layer's rows, inputs and
-outputs. A lowercase letter is a part of its capital (b a block of queries, h half of H, n a block's
-index), and 1 an axis kept at size 1.
+outputs; in a Mixture-of-Experts (moe.py) E experts, k the experts of a token, A a group's
+assignments (k·S), J groups (a stream's row each), Z slots per expert and group. A lowercase letter
+is a part of its capital (b a block of queries, h half of H, n a block's index, e the experts a
+device holds), and 1 an axis kept at size 1.
 """
 
 from __future__ import annotations

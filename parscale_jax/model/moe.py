@@ -8,13 +8,13 @@ outputs, plus, with `model.moe_shared_expert_size`, a shared expert gated by a s
 The streams' tokens are routed like any others: the P streams are folded into the token rows.
 
 Capacity (`model.moe_capacity_factor` c > 0, as Switch): each group of tokens (one stream's row of
-the batch: its S tokens) gives every expert C = min(S, ceil(c · k · S / E)) slots. Assignments
+the batch: its S tokens) gives every expert Z = min(S, ceil(c · k · S / E)) slots. Assignments
 claim slots first by choice (every token's first choice before any second choice), then by position
 in the row; an assignment that finds its expert full is dropped, and the token keeps only its other
 experts' outputs (a token with all k dropped passes through the residual alone). c = 0 is dropless.
 
 Dispatch (`model.moe_impl`):
-  gather  each group's tokens gathered into a buffer `[E, C, D]` (dropless: C = S), the experts
+  gather  each group's tokens gathered into a buffer `[E, Z, D]` (dropless: Z = S), the experts
           applied as one batched product, and the outputs gathered back per assignment; memory
           linear in tokens. The CPU choice, and the only one with expert parallelism.
   ragged  the assignments sorted by expert and the experts applied with `jax.lax.ragged_dot` (a
@@ -38,8 +38,8 @@ Statistics: each expert's share of the assignments (`moe_load/eJ`), the fraction
 dropped, the router's entropy; with streams, each stream's shares (`moe_load/sP/eJ`) and how far
 they are from the mean (`moe_stream_tv`, total variation: 0 when the streams route alike).
 
-Shape suffixes beyond the package's (lm.py): E experts, k experts per token (a lowercase axis), A a
-group's assignments (k·S, choice-major), G groups (P·B), C slots per expert and group, R tokens.
+Shape suffixes: the package's (lm.py), among them E experts, k the experts of a token, A a group's
+assignments (k·S, choice-major), J groups (P·B), Z slots per expert and group; R tokens (P·B·S).
 """
 
 from __future__ import annotations
@@ -89,14 +89,14 @@ def balance_loss(probs_RE: jax.Array, expert_Rk: jax.Array) -> jax.Array:
     return E * jnp.sum(f_E * jnp.mean(probs_RE, axis=0))
 
 
-def slots(expert_GA: jax.Array, num_experts: int, slots_per_expert: int) -> tuple[jax.Array, jax.Array]:
-    """(slot of each assignment in its group's `[E·C]` buffer, whether it found one). Assignments
-    take slots in order along A; one that finds its expert full gets the spare slot E·C."""
-    onehot_GAE = jax.nn.one_hot(expert_GA, num_experts, dtype=jnp.int32)
-    position_GA = jnp.sum((jnp.cumsum(onehot_GAE, axis=1) - 1) * onehot_GAE, axis=-1)
-    kept_GA = position_GA < slots_per_expert
-    slot_GA = jnp.where(kept_GA, expert_GA * slots_per_expert + position_GA, num_experts * slots_per_expert)
-    return slot_GA, kept_GA
+def slots(expert_JA: jax.Array, num_experts: int, slots_per_expert: int) -> tuple[jax.Array, jax.Array]:
+    """(slot of each assignment in its group's `[E·Z]` buffer, whether it found one). Assignments
+    take slots in order along A; one that finds its expert full gets the spare slot E·Z."""
+    onehot_JAE = jax.nn.one_hot(expert_JA, num_experts, dtype=jnp.int32)
+    position_JA = jnp.sum((jnp.cumsum(onehot_JAE, axis=1) - 1) * onehot_JAE, axis=-1)
+    kept_JA = position_JA < slots_per_expert
+    slot_JA = jnp.where(kept_JA, expert_JA * slots_per_expert + position_JA, num_experts * slots_per_expert)
+    return slot_JA, kept_JA
 
 
 def swiglu_experts(x_ERD: jax.Array, gate_EDF, up_EDF, down_EFD) -> jax.Array:
@@ -105,49 +105,49 @@ def swiglu_experts(x_ERD: jax.Array, gate_EDF, up_EDF, down_EFD) -> jax.Array:
     return jnp.einsum("erf,efd->erd", h_ERF, down_EFD)
 
 
-def gather_dispatch(x_GSD, expert_GA, weight_GA, num_experts: int, slots_per_expert: int, weights,
+def gather_dispatch(x_JSD, expert_JA, weight_JA, num_experts: int, slots_per_expert: int, weights,
                     exchange=None) -> jax.Array:
-    """The routed outputs `[G, S, D]` through per-group `[E, C, D]` buffers. `exchange` is a pair of
-    functions that move the buffers `[E, G, C, D]` to the devices holding their experts and back
+    """The routed outputs `[J, S, D]` through per-group `[E, Z, D]` buffers. `exchange` is a pair of
+    functions that move the buffers `[E, J, Z, D]` to the devices holding their experts and back
     (expert parallelism); `weights` are then the local experts' ones."""
-    G, S, D = x_GSD.shape
-    E, C, A = num_experts, slots_per_expert, expert_GA.shape[1]
-    slot_GA, kept_GA = slots(expert_GA, E, C)
-    token_GA = jnp.broadcast_to(jnp.arange(A) % S, (G, A))
+    J, S, D = x_JSD.shape
+    E, Z, A = num_experts, slots_per_expert, expert_JA.shape[1]
+    slot_JA, kept_JA = slots(expert_JA, E, Z)
+    token_JA = jnp.broadcast_to(jnp.arange(A) % S, (J, A))
     # Which token fills each slot (S: none, a zero row). Dropped assignments all write the spare slot.
-    source_GC = jnp.full((G, E * C + 1), S, jnp.int32).at[jnp.arange(G)[:, None], slot_GA].set(token_GA)
-    x_pad_GSD = jnp.concatenate([x_GSD, jnp.zeros((G, 1, D), x_GSD.dtype)], axis=1)
-    buffer_GCD = jnp.take_along_axis(x_pad_GSD, source_GC[:, :E * C, None], axis=1)
-    buffer_EGCD = buffer_GCD.reshape(G, E, C, D).transpose(1, 0, 2, 3)
+    source_JZ = jnp.full((J, E * Z + 1), S, jnp.int32).at[jnp.arange(J)[:, None], slot_JA].set(token_JA)
+    x_pad_JSD = jnp.concatenate([x_JSD, jnp.zeros((J, 1, D), x_JSD.dtype)], axis=1)
+    buffer_JZD = jnp.take_along_axis(x_pad_JSD, source_JZ[:, :E * Z, None], axis=1)
+    buffer_EJZD = buffer_JZD.reshape(J, E, Z, D).transpose(1, 0, 2, 3)
     if exchange is not None:
-        buffer_EGCD = exchange[0](buffer_EGCD)
-    e, g = buffer_EGCD.shape[:2]
-    out_EGCD = swiglu_experts(buffer_EGCD.reshape(e, g * C, D), *weights).reshape(e, g, C, D)
+        buffer_EJZD = exchange[0](buffer_EJZD)
+    e, j = buffer_EJZD.shape[:2]  # the experts this device holds, the groups it holds them for
+    out_EJZD = swiglu_experts(buffer_EJZD.reshape(e, j * Z, D), *weights).reshape(e, j, Z, D)
     if exchange is not None:
-        out_EGCD = exchange[1](out_EGCD)
-    out_GCD = jnp.concatenate([out_EGCD.transpose(1, 0, 2, 3).reshape(G, E * C, D),
-                               jnp.zeros((G, 1, D), out_EGCD.dtype)], axis=1)
-    y_GAD = jnp.take_along_axis(out_GCD, slot_GA[..., None], axis=1) * weight_GA[..., None].astype(out_GCD.dtype)
-    return jnp.sum(y_GAD.reshape(G, A // S, S, D), axis=1)
+        out_EJZD = exchange[1](out_EJZD)
+    out_JZD = jnp.concatenate([out_EJZD.transpose(1, 0, 2, 3).reshape(J, E * Z, D),
+                               jnp.zeros((J, 1, D), out_EJZD.dtype)], axis=1)
+    y_JAD = jnp.take_along_axis(out_JZD, slot_JA[..., None], axis=1) * weight_JA[..., None].astype(out_JZD.dtype)
+    return jnp.sum(y_JAD.reshape(J, A // S, S, D), axis=1)
 
 
-def ragged_dispatch(x_GSD, expert_GA, weight_GA, num_experts: int, slots_per_expert: int, weights) -> jax.Array:
-    """The routed outputs `[G, S, D]` through `jax.lax.ragged_dot` over the assignments sorted by
+def ragged_dispatch(x_JSD, expert_JA, weight_JA, num_experts: int, slots_per_expert: int, weights) -> jax.Array:
+    """The routed outputs `[J, S, D]` through `jax.lax.ragged_dot` over the assignments sorted by
     expert; dropped assignments (the same as `gather_dispatch` drops) weigh 0."""
-    G, S, D = x_GSD.shape
-    E, A = num_experts, expert_GA.shape[1]
-    _, kept_GA = slots(expert_GA, E, slots_per_expert)
-    row_GA = jnp.arange(G)[:, None] * S + jnp.arange(A)[None, :] % S
-    order = jnp.argsort(expert_GA.reshape(-1), stable=True)
-    x_sorted = x_GSD.reshape(G * S, D)[row_GA.reshape(-1)[order]]
-    sizes_E = jnp.bincount(expert_GA.reshape(-1), length=E).astype(jnp.int32)
+    J, S, D = x_JSD.shape
+    E, A = num_experts, expert_JA.shape[1]
+    _, kept_JA = slots(expert_JA, E, slots_per_expert)
+    row_JA = jnp.arange(J)[:, None] * S + jnp.arange(A)[None, :] % S
+    order = jnp.argsort(expert_JA.reshape(-1), stable=True)
+    x_sorted = x_JSD.reshape(J * S, D)[row_JA.reshape(-1)[order]]
+    sizes_E = jnp.bincount(expert_JA.reshape(-1), length=E).astype(jnp.int32)
     gate_EDF, up_EDF, down_EFD = weights
     h = nnx.silu(jax.lax.ragged_dot(x_sorted, gate_EDF, sizes_E)) * jax.lax.ragged_dot(x_sorted, up_EDF, sizes_E)
     out_sorted = jax.lax.ragged_dot(h, down_EFD, sizes_E)
     out_AD = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
-    scale_GA = jnp.where(kept_GA, weight_GA, 0.0).astype(out_AD.dtype)
-    y_GAD = out_AD.reshape(G, A, D) * scale_GA[..., None]
-    return jnp.sum(y_GAD.reshape(G, A // S, S, D), axis=1)
+    scale_JA = jnp.where(kept_JA, weight_JA, 0.0).astype(out_AD.dtype)
+    y_JAD = out_AD.reshape(J, A, D) * scale_JA[..., None]
+    return jnp.sum(y_JAD.reshape(J, A // S, S, D), axis=1)
 
 
 def expert_parallel_size() -> int:
@@ -164,12 +164,12 @@ def _expert_parallel(x_PBSD, expert_PBA, weight_PBA, num_experts: int, slots_per
 
     def local(x_PBSD, expert_PBA, weight_PBA, *weights):
         P, B, S, D = x_PBSD.shape
-        # [E, G, C, D] → [E / n, n · G, C, D]: each device's slots for the experts it holds, and back.
+        # [E, J, Z, D] → [E / n, n · J, Z, D]: each device's slots for the experts it holds, and back.
         exchange = (lambda b: jax.lax.all_to_all(b, "expert", 0, 1, tiled=True),
                     lambda b: jax.lax.all_to_all(b, "expert", 1, 0, tiled=True))
-        y_GSD = gather_dispatch(x_PBSD.reshape(P * B, S, D), expert_PBA.reshape(P * B, -1),
+        y_JSD = gather_dispatch(x_PBSD.reshape(P * B, S, D), expert_PBA.reshape(P * B, -1),
                                 weight_PBA.reshape(P * B, -1), num_experts, slots_per_expert, weights, exchange)
-        return y_GSD.reshape(P, B, S, D)
+        return y_JSD.reshape(P, B, S, D)
 
     return jax.shard_map(local, in_specs=(rows, rows, rows, *(expert_weights,) * 3), out_specs=rows)(
         x_PBSD, expert_PBA, weight_PBA, *weights)
@@ -220,18 +220,18 @@ class MoE(nnx.Module):
         # Assignments per group (a stream's row), choice-major: every first choice, then every second.
         expert_PBA = jnp.swapaxes(expert_Rk.reshape(P, B, S, k), -1, -2).reshape(P, B, k * S)
         weight_PBA = jnp.swapaxes(weight_Rk.reshape(P, B, S, k), -1, -2).reshape(P, B, k * S)
-        C = capacity(cfg, S)
+        Z = capacity(cfg, S)
         weights = tuple(w[...].astype(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
         x_PBSD = x_PBSD.astype(dtype)
         impl = cfg.moe_impl
         if impl == "auto":
             impl = "gather" if jax.default_backend() == "cpu" else "ragged"
         if expert_parallel_size() > 1:
-            y_PBSD = _expert_parallel(x_PBSD, expert_PBA, weight_PBA, E, C, weights)
+            y_PBSD = _expert_parallel(x_PBSD, expert_PBA, weight_PBA, E, Z, weights)
         else:
             dispatch = gather_dispatch if impl == "gather" else ragged_dispatch
             y_PBSD = dispatch(x_PBSD.reshape(P * B, S, D), expert_PBA.reshape(P * B, k * S),
-                              weight_PBA.reshape(P * B, k * S), E, C, weights).reshape(P, B, S, D)
+                              weight_PBA.reshape(P * B, k * S), E, Z, weights).reshape(P, B, S, D)
         if cfg.moe_shared_expert_size:
             shared_PBSD, _ = self.shared_expert(x_PBSD)
             y_PBSD = y_PBSD + jax.nn.sigmoid(self.shared_expert_gate(x_PBSD)) * shared_PBSD
@@ -245,9 +245,9 @@ class MoE(nnx.Module):
         load_PE = jnp.mean(jax.nn.one_hot(expert_PBA, E, dtype=jnp.float32), axis=(1, 2))  # shares: sum to 1
         load_E = jnp.mean(load_PE, axis=0)
         z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_RE, axis=-1)))
-        _, kept_GA = slots(expert_PBA.reshape(-1, k * S), E, capacity(cfg, S))
+        _, kept_JA = slots(expert_PBA.reshape(-1, k * S), E, capacity(cfg, S))
         entropy = jnp.mean(jnp.sum(jax.scipy.special.entr(probs_RE), axis=-1))
-        stats = {"moe_dropped": 1.0 - jnp.mean(kept_GA.astype(jnp.float32)), "router_entropy": entropy,
+        stats = {"moe_dropped": 1.0 - jnp.mean(kept_JA.astype(jnp.float32)), "router_entropy": entropy,
                  **{f"moe_load/e{e}": load_E[e] for e in range(E)}}
         if P > 1:
             stats["moe_stream_tv"] = jnp.mean(0.5 * jnp.sum(jnp.abs(load_PE - load_E), axis=-1))
