@@ -91,14 +91,15 @@ def _train(config: Config, run_dir: Path, progress: bool) -> list[dict[str, Any]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def summary(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
+def summary(config: Config, records: list[dict[str, Any]], timed_steps: int) -> dict[str, Any]:
+    """A finished run's held-out curve, and its step's tokens/s and memory measured now, one run right
+    after the other (the training windows' tokens/s depend on what else ran meanwhile)."""
     tokens = config.train.batch_size * config.data.seq_len
     evals = [r for r in records if "eval_loss" in r]
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first window compiles
+    figures = train_step_figures(config, timed_steps)
     return {"final_eval_loss": evals[-1]["eval_loss"],
             "curve": [{"step": r["step"], "tokens": r["step"] * tokens, "eval_loss": r["eval_loss"]} for r in evals],
-            "tokens_per_s": float(np.median(speeds)) if speeds else None,
-            "memory_bytes": train_step_figures(config, 1)["memory_bytes"],
+            "tokens_per_s": figures["tokens_per_s"], "memory_bytes": figures["memory_bytes"],
             "params": non_embedding_params(config.model), "active_params": active_non_embedding_params(config.model),
             "train_flops_per_token": train_flops_per_token(config.model, config.data.seq_len)}
 
@@ -108,7 +109,8 @@ def quality(config: Config, work: Path, o: MoEOptions, progress: bool) -> dict[s
         raise ConfigError("train.eval_every", "bench moe compares held-out losses: set it above 0")
     variants = {"dense": config, **{f"moe{E}": moe_variant(config, E, o) for E in o.experts}}
     variants[f"moe{min(o.experts)}-p{o.streams}"] = moe_variant(config, min(o.experts), o, o.streams)
-    return {name: summary(cfg, _train(cfg, work / name, progress)) for name, cfg in variants.items()}
+    records = {name: _train(cfg, work / name, progress) for name, cfg in variants.items()}
+    return {name: summary(cfg, records[name], o.timed_steps) for name, cfg in variants.items()}
 
 
 def upcycling(config: Config, work: Path, o: MoEOptions, progress: bool) -> dict[str, Any]:
@@ -127,9 +129,10 @@ def upcycling(config: Config, work: Path, o: MoEOptions, progress: bool) -> dict
         upcycle(work / "dense", upcycled_dir, [f"model.num_experts={max(o.experts)}", f"model.experts_per_token={o.top_k}",
                                                f"model.moe_capacity_factor={o.capacity}", f"train.steps={more.steps}",
                                                f"train.warmup_steps={more.warmup_steps}"], noise=0.01)
-    runs = {"dense-continued": continued_dir, "upcycled": upcycled_dir}
-    return {name: summary(Run.open(run_dir).config, _train(Run.open(run_dir).config, run_dir, progress))
-            for name, run_dir in runs.items()}
+    run_dirs = {"dense-continued": continued_dir, "upcycled": upcycled_dir}
+    configs = {name: Run.open(run_dir).config for name, run_dir in run_dirs.items()}
+    records = {name: _train(configs[name], run_dirs[name], progress) for name in run_dirs}
+    return {name: summary(cfg, records[name], o.timed_steps) for name, cfg in configs.items()}
 
 
 def run(config: Config, work: Path, o: MoEOptions, progress: bool = True) -> dict[str, Any]:
@@ -149,7 +152,7 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", part, "run               params   active   eval loss  tok/s   MiB    GFLOP/token"]
         for name, r in result[part].items():
             lines.append(f"{name:17s} {r['params'] / 1e6:6.2f}M  {r['active_params'] / 1e6:6.2f}M  "
-                         f"{r['final_eval_loss']:9.4f}  {r['tokens_per_s'] or 0:6,.0f}  {r['memory_bytes'] / 2**20:6.1f} "
+                         f"{r['final_eval_loss']:9.4f}  {r['tokens_per_s']:6,.0f}  {r['memory_bytes'] / 2**20:6.1f} "
                          f"{r['train_flops_per_token'] / 1e9:8.3f}")
     return "\n".join(lines)
 
