@@ -452,7 +452,9 @@ def validate_moe(m: ModelConfig) -> None:
              f"must be >= 0 (0: dropless), got {m.moe_capacity_factor}")
     for name in ("moe_intermediate_size", "moe_shared_expert_size"):
         _require(getattr(m, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
-    _require(m.moe_every == 1, "model.moe_every", f"only 1 (every layer routed) is supported yet, got {m.moe_every}")
+    _require(m.moe_every >= 1, "model.moe_every", f"must be >= 1 (1: every layer routed), got {m.moe_every}")
+    _require(m.num_layers % m.moe_every == 0, "model.moe_every",
+             f"must divide model.num_layers={m.num_layers} (the layers run in groups of it), got {m.moe_every}")
     _require_one_of(m.moe_impl, MOE_IMPLS, "model.moe_impl")
 
 

@@ -185,10 +185,11 @@ def test_a_moe_with_streams_trains_and_logs_its_router(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Expert parallelism: 8 CPU devices in a subprocess, against one device here.
 
-EP_MESHES = {
-    "expert8": ["mesh.data=1", "mesh.expert=8"],
-    "data2-expert2-stream2-fsdp": ["mesh.data=2", "mesh.expert=2", "mesh.stream=2", "mesh.fsdp=true"],
-    "expert2-stream2-model2": ["mesh.data=1", "mesh.expert=2", "mesh.stream=2", "mesh.model=2"],
+EP_MESHES = {  # name: (model settings, mesh)
+    "expert8": ([], ["mesh.data=1", "mesh.expert=8"]),
+    "data2-expert2-stream2-fsdp": ([], ["mesh.data=2", "mesh.expert=2", "mesh.stream=2", "mesh.fsdp=true"]),
+    "expert2-stream2-model2": ([], ["mesh.data=1", "mesh.expert=2", "mesh.stream=2", "mesh.model=2"]),
+    "every2-expert4-stream2": (["model.moe_every=2"], ["mesh.data=1", "mesh.expert=4", "mesh.stream=2"]),
 }
 EP_MODEL = ["model.ffn=moe", "model.num_experts=8", "model.experts_per_token=2", "model.moe_capacity_factor=1.5"]
 
@@ -199,8 +200,8 @@ sys.path.insert(0, {tests!r})
 import numpy as np, mesh_worker
 from parscale_jax.layout import Layout
 from test_moe import EP_MESHES, EP_MODEL
-for name, mesh in EP_MESHES.items():
-    config = mesh_worker.tiny_config(*EP_MODEL, *mesh)
+for name, (model, mesh) in EP_MESHES.items():
+    config = mesh_worker.tiny_config(*EP_MODEL, *model, *mesh)
     np.savez({out!r} + f"/{{name}}.npz", **mesh_worker.first_gradients(config, with_loss=True))
     if name == "expert8":  # the exchange is an all-to-all over the expert axis
         from parscale_jax.model import abstract_params, model_graphdef
@@ -226,12 +227,15 @@ def test_expert_parallel_meshes_equal_one_device(tmp_path):
                             timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "all_to_all" in (tmp_path / "hlo.txt").read_text()
-    alone = mesh_worker.first_gradients(mesh_worker.tiny_config(*EP_MODEL), with_loss=True)
-    for name in EP_MESHES:
+    alone = {}
+    for name, (model, _) in EP_MESHES.items():
+        if tuple(model) not in alone:
+            alone[tuple(model)] = mesh_worker.first_gradients(mesh_worker.tiny_config(*EP_MODEL, *model), with_loss=True)
+        want = alone[tuple(model)]
         sharded = np.load(tmp_path / f"{name}.npz")
-        assert set(sharded) == set(alone)
-        for key, want in alone.items():
-            np.testing.assert_allclose(sharded[key], want, rtol=1e-5, atol=1e-5, err_msg=f"{name}: {key}")
+        assert set(sharded) == set(want)
+        for key, expected in want.items():
+            np.testing.assert_allclose(sharded[key], expected, rtol=1e-5, atol=1e-5, err_msg=f"{name}: {key}")
 
 
 # ---------------------------------------------------------------------------------------------

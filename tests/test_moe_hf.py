@@ -245,7 +245,7 @@ def qwen2_moe_config(**changes):
 
 
 @pytest.mark.parametrize("changes,fragment", [
-    (dict(decoder_sparse_step=2), "dense layers between the MoE ones .* every layer must be MoE"),
+    (dict(decoder_sparse_step=3), "decoder_sparse_step 3 does not divide num_hidden_layers 2"),
     (dict(mlp_only_layers=[1]), "dense layers between the MoE ones"),
     (dict(use_sliding_window=True), "sliding-window attention is not supported"),
     (dict(model_type="mixtral", num_local_experts=4, sliding_window=4096), "sliding-window attention"),

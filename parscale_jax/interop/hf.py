@@ -35,7 +35,7 @@ from safetensors.numpy import save_file
 from parscale_jax.config import ModelConfig, validate_model
 from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from parscale_jax.errors import CheckpointError, ConfigError
-from parscale_jax.model import FFN_TYPES, param_info
+from parscale_jax.model import FFN_TYPES, mlp_stacks, moe_layer, param_info
 from parscale_jax.model.moe import expert_width
 
 _REMOTE_CODE = ("configuration_qwen2_parscale.py", "modeling_qwen2_parscale.py")
@@ -67,10 +67,13 @@ def _refuse_unsupported(hf: dict[str, Any], model_type: str) -> None:
     if model_type in QK_NORM_FORMATS and hf.get("attention_bias"):
         raise ConfigError("--hf", f"{model_type} attention biases are not supported (they include o_proj's)")
     if model_type in ("qwen2_moe", "qwen3_moe"):
-        if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
-            raise ConfigError("--hf", "dense layers between the MoE ones (decoder_sparse_step "
-                              f"{hf.get('decoder_sparse_step', 1)}, mlp_only_layers {hf.get('mlp_only_layers')}) "
-                              "are not supported: every layer must be MoE")
+        if hf.get("mlp_only_layers"):
+            raise ConfigError("--hf", f"mlp_only_layers {hf['mlp_only_layers']} is not supported: dense layers "
+                              "between the MoE ones come only every decoder_sparse_step-th")
+        step = hf.get("decoder_sparse_step", 1)
+        if step >= 1 and hf["num_hidden_layers"] % step:
+            raise ConfigError("--hf", f"decoder_sparse_step {step} does not divide num_hidden_layers "
+                              f"{hf['num_hidden_layers']} (our layers run in groups of it)")
         if not (hf.get("num_experts") or hf.get("num_local_experts")):
             raise ConfigError("--hf", f"a {model_type} config without experts is not supported")
 
@@ -85,7 +88,8 @@ def _qkv_bias(hf: dict[str, Any], model_type: str) -> bool:
 
 def _moe_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
     """Our `model.moe_*` fields from a MoE config (none for a dense one). Hugging Face MoE models
-    are dropless. Mixtral's `intermediate_size` is an expert's; Qwen's are apart."""
+    are dropless. Mixtral's `intermediate_size` is an expert's; Qwen's are apart, and Qwen's
+    `decoder_sparse_step` is our `moe_every` (the dense layers between use `intermediate_size`)."""
     if model_type == "mixtral":
         return dict(ffn="moe", num_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
                     moe_intermediate_size=hf["intermediate_size"], moe_renormalize=True)
@@ -93,7 +97,8 @@ def _moe_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         shared = 0 if model_type == "qwen3_moe" else hf.get("shared_expert_intermediate_size", 0)
         return dict(ffn="moe", num_experts=hf.get("num_experts") or hf["num_local_experts"],
                     experts_per_token=hf["num_experts_per_tok"], moe_intermediate_size=hf["moe_intermediate_size"],
-                    moe_renormalize=bool(hf.get("norm_topk_prob", False)), moe_shared_expert_size=shared)
+                    moe_renormalize=bool(hf.get("norm_topk_prob", False)), moe_shared_expert_size=shared,
+                    moe_every=hf.get("decoder_sparse_step", 1))
     return {}
 
 
@@ -143,8 +148,8 @@ def hf_format(cfg: ModelConfig) -> str:
             raise ConfigError("model.qk_norm", "with a shared expert fits no Hugging Face format at P = 1 "
                               "(Qwen3-MoE has no shared expert)")
         return "qwen3_moe"
-    # Mixtral always renormalizes and has no biases; Qwen2-MoE has switches for both.
-    if cfg.moe_renormalize and not cfg.qkv_bias and not cfg.moe_shared_expert_size:
+    # Mixtral always renormalizes, has no biases and routes every layer; Qwen2-MoE has switches for all.
+    if cfg.moe_renormalize and not cfg.qkv_bias and not cfg.moe_shared_expert_size and cfg.moe_every == 1:
         return "mixtral"
     return "qwen2_moe"
 
@@ -153,10 +158,10 @@ def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
     """The Qwen-style MoE keys (Qwen2-MoE, Qwen3-MoE and our qwen2_parscale)."""
     return {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
             "moe_intermediate_size": expert_width(cfg), "shared_expert_intermediate_size": cfg.moe_shared_expert_size,
-            "norm_topk_prob": cfg.moe_renormalize}
+            "norm_topk_prob": cfg.moe_renormalize, "decoder_sparse_step": cfg.moe_every}
 
 
-QWEN_MOE_LAYERS = {"decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False}  # every layer MoE
+QWEN_MOE_LAYERS = {"mlp_only_layers": [], "output_router_logits": False}  # MoE layers by decoder_sparse_step alone
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str, eos_id: int | None, model_type: str | None = None) -> dict[str, Any]:
@@ -240,10 +245,11 @@ def aggregator_kernel_to_hf(kernel: np.ndarray, P: int) -> np.ndarray:
 
 # Our parameter path -> (Hugging Face tensor name, how the array changes on the way), for every
 # parameter but the feed-forward block's, whose registry entry names its own (`ffn.FFN_TYPES`, under
-# `layers/mlp/`; they go where "{mlp}" stands). A stacked parameter's leading axes that the
-# checkpoint keeps as separate tensors are indices in the name: "{i}" the layer, "{e}" the next
-# axis (an expert). Every declared parameter needs an entry; the order is the file order (layer by
-# layer, as transformers writes them).
+# each stack of `lm.mlp_stacks`; they go where "{mlp}" stands). A stacked parameter's leading axes
+# that the checkpoint keeps as separate tensors are indices in the name: "{i}" the layer (for a
+# feed-forward stack, the layer its position holds), "{e}" the next axis (an expert). Every declared
+# parameter needs an entry; the order is the file order (layer by layer, as transformers writes
+# them).
 HF_NAMES: dict[str, tuple[str, str]] = {
     "embed_tokens/embedding": ("model.embed_tokens.weight", "same"),
     "layers/input_layernorm/weight": ("model.layers.{i}.input_layernorm.weight", "same"),
@@ -285,8 +291,9 @@ CONVERSIONS: dict[str, tuple[Callable, Callable]] = {
 def hf_names(cfg: ModelConfig, model_type: str | None = None) -> dict[str, tuple[str, str]]:
     """HF_NAMES with the feed-forward block's own names in its place, spelled as `model_type` (by
     default the format the model is written as) spells them."""
-    mlp = {f"layers/mlp/{path}": (f"model.layers.{{i}}.mlp.{name}", conversion)
-           for path, (name, conversion) in FFN_TYPES[cfg.ffn].HF_NAMES.items()}
+    mlp = {f"{'/'.join(stack)}/{path}": (f"model.layers.{{i}}.mlp.{name}", conversion)
+           for stack, (ffn, _) in mlp_stacks(cfg).items()
+           for path, (name, conversion) in FFN_TYPES[ffn].HF_NAMES.items()}
     names = {entry: value for key, named in HF_NAMES.items()
              for entry, value in (mlp.items() if key == "{mlp}" else [(key, named)])}
     for old, new in RENAMES.get(model_type or hf_format(cfg), ()):
@@ -300,7 +307,7 @@ class HFTensor:
 
     name: str
     path: tuple[str, ...]  # our parameter
-    index: tuple[int, ...]  # into the parameter's leading axes (layer, expert) the name indexes
+    index: tuple[int, ...]  # into the parameter's leading axes the name indexes (position in its stack, expert)
     shape: tuple[int, ...]  # as Hugging Face stores it
     conversion: str
 
@@ -308,6 +315,13 @@ class HFTensor:
 def _indices(name: str) -> int:
     """How many leading axes a tensor name indexes ("{i}", then "{e}")."""
     return sum(f"{{{index}}}" in name for index in INDICES)
+
+
+def _layer_positions(cfg: ModelConfig) -> dict[str, dict[int, int]]:
+    """{path prefix of a feed-forward stack: {layer: its position in the stack}} (`lm.mlp_stacks`);
+    the parameters of no such stack hold every layer at its own position."""
+    return {"/".join(stack) + "/": {layer: position for position, layer in enumerate(layers)}
+            for stack, (_, layers) in mlp_stacks(cfg).items()}
 
 
 def hf_tensors(cfg: ModelConfig, model_type: str | None = None) -> list[HFTensor]:
@@ -323,17 +337,26 @@ def hf_tensors(cfg: ModelConfig, model_type: str | None = None) -> list[HFTensor
     present = [key for key in names if key in declared]
     layered = [key for key in present if "{i}" in names[key][0]]
     first = present.index(layered[0])
-    order = [(key, ()) for key in present[:first] if key not in layered]
-    order += [(key, (i,)) for i in range(cfg.num_layers) for key in layered]
-    order += [(key, ()) for key in present[first:] if key not in layered]
+    stacks = _layer_positions(cfg)
+
+    def positions(key: str) -> dict[int, int]:
+        return next((held for prefix, held in stacks.items() if key.startswith(prefix)),
+                    {i: i for i in range(cfg.num_layers)})
+
+    # (parameter, its leading indices so far, the layer they name)
+    order = [(key, (), None) for key in present[:first] if key not in layered]
+    order += [(key, (positions(key)[i],), i) for i in range(cfg.num_layers) for key in layered
+              if i in positions(key)]
+    order += [(key, (), None) for key in present[first:] if key not in layered]
     tensors = []
-    for key, outer in order:
+    for key, outer, layer in order:
         name, conversion = names[key]
         leading = declared[key].shape[:_indices(name)]
         for index in np.ndindex(*leading[len(outer):]):
             index = (*outer, *index)
+            named = index if layer is None else (layer, *index[1:])
             shape = declared[key].shape[len(index):]
-            tensors.append(HFTensor(name.format(**dict(zip(INDICES, index))), tuple(key.split("/")), index,
+            tensors.append(HFTensor(name.format(**dict(zip(INDICES, named))), tuple(key.split("/")), index,
                                     shape if conversion == "same" else shape[::-1], conversion))
     return tensors
 
@@ -375,7 +398,7 @@ def absent_shared_expert(cfg: ModelConfig) -> list[TensorSource]:
     shapes = {"shared_expert.gate_proj.weight": (0, D), "shared_expert.up_proj.weight": (0, D),
               "shared_expert.down_proj.weight": (D, 0), "shared_expert_gate.weight": (1, D)}
     return [(f"model.layers.{i}.mlp.{name}", shape, functools.partial(np.zeros, shape, np.float32))
-            for i in range(cfg.num_layers) for name, shape in shapes.items()]
+            for i in range(cfg.num_layers) if moe_layer(cfg, i) for name, shape in shapes.items()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from parscale_jax.model.lm import (
     activation_axes,
     init_params,
     merge_params,
+    mlp_stacks,
     model_graphdef,
+    moe_layer,
     param_info,
     prefix_slots,
     residual_outputs,
@@ -28,4 +30,5 @@ from parscale_jax.model.params import DECAYED, ParScaleParam
 __all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "MOE_IMPLS", "REMAT_POLICIES", "Aux", "GrowthMasks", "KVCache",
            "ParScaleLM",
            "ParScaleParam", "abstract_params", "activation_axes", "apply_rope", "attention_mask", "init_params",
-           "merge_params", "model_graphdef", "param_info", "prefix_slots", "residual_outputs", "rope_tables", "scan_layers", "split_params"]
+           "merge_params", "mlp_stacks", "model_graphdef", "moe_layer", "param_info", "prefix_slots", "residual_outputs",
+           "rope_tables", "scan_layers", "split_params"]

@@ -38,7 +38,7 @@ class ModelConfig:
     moe_capacity_factor: float = 0.0  # slots per expert and row: c · k · S / E; 0: dropless
     moe_renormalize: bool = True  # the k chosen weights sum to 1 (Mixtral; Qwen's norm_topk_prob)
     moe_shared_expert_size: int = 0  # F of a sigmoid-gated shared expert (Qwen2-MoE); 0: none
-    moe_every: int = 1  # every k-th layer routed (Qwen2-MoE's decoder_sparse_step)
+    moe_every: int = 1  # m: layer i routed when (i + 1) % m == 0, the others dense (Qwen2-MoE's decoder_sparse_step)
     moe_impl: str = "auto"  # dispatch: a key of model.moe.MOE_IMPLS
     attention: str = "einsum"  # the attention kernel: a key of model.attention.KERNELS
     parscale_n: int = 1  # P, the number of parallel streams

@@ -7,7 +7,7 @@ import jax
 
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.model.ffn import FFN_TYPES
-from parscale_jax.model.lm import param_info, prefix_slots
+from parscale_jax.model.lm import mlp_stacks, param_info, prefix_slots
 
 
 def _count(cfg: ModelConfig, keep) -> int:
@@ -33,11 +33,14 @@ def active_non_embedding_params(cfg: ModelConfig) -> int:
     return sum(active(info) for info in jax.tree.leaves(param_info(cfg)) if info.kind != "embedding")
 
 
-def _layer_flops(cfg: ModelConfig) -> int:
-    """Forward matrix-product FLOPs of one token through a layer's projections: q, k, v and o, and
-    the feed-forward block (its registry entry counts its own)."""
+def _layers_flops(cfg: ModelConfig) -> int:
+    """Forward matrix-product FLOPs of one token through every layer's projections: q, k, v and o,
+    and each layer's feed-forward block (its registry entry counts its own; with model.moe_every > 1
+    dense layers count the dense MLP, routed ones the experts)."""
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return 2 * (D * N * H + 2 * D * K * H + N * H * D) + FFN_TYPES[cfg.ffn].flops_per_token(cfg)
+    attention = cfg.num_layers * 2 * (D * N * H + 2 * D * K * H + N * H * D)
+    feed_forward = sum(len(layers) * FFN_TYPES[ffn].flops_per_token(cfg) for ffn, layers in mlp_stacks(cfg).values())
+    return attention + feed_forward
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -49,7 +52,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     P, D, T = cfg.parscale_n, cfg.hidden_size, prefix_slots(cfg)
     attended_keys = T + (seq_len + 1) / 2
     attention = 2 * 2 * cfg.num_heads * cfg.head_dim * attended_keys  # scores and weighted sum
-    per_stream = cfg.num_layers * (_layer_flops(cfg) + attention)
+    per_stream = _layers_flops(cfg) + cfg.num_layers * attention
     aggregator = 2 * (P * D * D + D * P) if P > 1 else 0
     lm_head = 2 * D * cfg.vocab_size
     return 3.0 * (P * per_stream + aggregator + lm_head)

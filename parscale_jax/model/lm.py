@@ -7,7 +7,10 @@ states are mixed by an input-dependent softmax weighting before the shared LM he
 Module names follow the Hugging Face state-dict names (`embed_tokens`, `layers.self_attn.q_proj`,
 ...), so conversion is close to an identity. The L layers are stacked (every layer weight has a
 leading `[L]` axis) and run under one `lax.scan`; the streams are a leading axis of the activations
-`[P, B, S, D]`, which the matrix products see as more rows of the shared weights.
+`[P, B, S, D]`, which the matrix products see as more rows of the shared weights. With
+`model.moe_every` = m > 1 (a Mixture-of-Experts in every m-th layer, dense MLPs in the others) the
+blocks keep no feed-forward weights: two stacks beside them do (`mlp_stacks`), and the scan runs
+groups of m layers, m - 1 dense then one routed.
 Training, prefill and decoding all go through `forward`; only the attention mask and the KV source
 differ (attention.py).
 
@@ -19,7 +22,7 @@ flattened product, W a packed row's window of S + 1 tokens; M, I, O a linear lay
 outputs; in a Mixture-of-Experts (moe.py) E experts, k the experts of a token, A a group's
 assignments (k·S), J groups (a stream's row each), Z slots per expert and group. A lowercase letter
 is a part of its capital (b a block of queries, h half of H, n a block's index, e the experts a
-device holds), and 1 an axis kept at size 1.
+device holds, l the layers of one feed-forward stack), and 1 an axis kept at size 1.
 """
 
 from __future__ import annotations
@@ -53,12 +56,31 @@ def activation_axes(cfg: ModelConfig) -> dict[str, tuple[int, str]]:
             "act_vocab": (cfg.vocab_size, f"the {cfg.vocab_size} logits of a token (model.vocab_size)")}
 
 
+def moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Whether a layer's feed-forward block is routed: with model.moe_every = m, layer i when
+    (i + 1) % m == 0 (Qwen2-MoE's decoder_sparse_step), so every layer when m = 1."""
+    return cfg.ffn == "moe" and (layer + 1) % cfg.moe_every == 0
+
+
+def mlp_stacks(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, list[int]]]:
+    """Where the feed-forward weights are stacked: {path of the stack: (its feed-forward type, the
+    layer at each position of its leading axis)}. One stack, `layers/mlp`, inside the blocks; with
+    model.moe_every = m > 1 two of their own beside them: `dense_mlp` (SwiGLU, L - L/m layers) and
+    `moe_mlp` (L/m layers)."""
+    L = cfg.num_layers
+    if cfg.moe_every == 1:
+        return {("layers", "mlp"): (cfg.ffn, list(range(L)))}
+    return {("dense_mlp",): ("swiglu", [i for i in range(L) if not moe_layer(cfg, i)]),
+            ("moe_mlp",): ("moe", [i for i in range(L) if moe_layer(cfg, i)])}
+
+
 def residual_outputs(cfg: ModelConfig) -> list[tuple[str, ...]]:
-    """The projections whose outputs a layer adds to the residual stream, as paths under `layers`:
-    with them zero, the layer adds nothing (what `upscale --identity` inserts)."""
-    paths = [("self_attn", *name.split("/")) for name in Attention.OUTPUT_PROJECTIONS] + \
-        [("mlp", *name.split("/")) for name in FFN_TYPES[cfg.ffn].OUTPUT_PROJECTIONS]
-    declared = param_info(cfg)["layers"]
+    """The projections whose outputs a layer adds to the residual stream, as paths from the root of
+    the parameters: with them zero, the layer adds nothing (what `upscale --identity` inserts)."""
+    paths = [("layers", "self_attn", *name.split("/")) for name in Attention.OUTPUT_PROJECTIONS] + \
+        [(*stack, *name.split("/")) for stack, (ffn, _) in mlp_stacks(cfg).items()
+         for name in FFN_TYPES[ffn].OUTPUT_PROJECTIONS]
+    declared = param_info(cfg)
 
     def exists(path) -> bool:  # an optional part (a MoE's shared expert) may be absent
         tree = declared
@@ -77,25 +99,29 @@ def prefix_slots(cfg: ModelConfig) -> int:
 
 
 class Block(nnx.Module):
-    """Pre-norm attention, then the feed-forward block chosen by `model.ffn`."""
+    """Pre-norm attention, then the feed-forward block chosen by `model.ffn` (none with
+    model.moe_every > 1: the layer is then given its own, `mlp_stacks`)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg)
         self.self_attn = Attention(cfg, rngs)
         self.post_attention_layernorm = RMSNorm(cfg)
-        self.mlp = FFN_TYPES[cfg.ffn](cfg, rngs)
+        if cfg.moe_every == 1:
+            self.mlp = FFN_TYPES[cfg.ffn](cfg, rngs)
 
     def __call__(self, x_PBSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None,
-                 masks: GrowthMasks | None = None):
+                 masks: GrowthMasks | None = None, mlp: nnx.Module | None = None):
         """(output, cache, aux). With growth `masks`, the new hidden dimensions, neurons and heads
-        contribute m times their output, and a new layer adds m times its change (as MSG grows)."""
+        contribute m times their output, and a new layer adds m times its change (as MSG grows).
+        `mlp` is the layer's feed-forward block when the block keeps none."""
         g = masks or GrowthMasks()
+        mlp = self.mlp if mlp is None else mlp
         attended_PBSD, cache = self.self_attn(self.input_layernorm(x_PBSD, g.hidden_D), cos_BSH, sin_BSH, mask,
                                               cache, g.heads_N)
         attended_PBSD = masked(attended_PBSD, g.hidden_D)
         h_PBSD = x_PBSD + attended_PBSD  # one sum for both uses: the backward pass adds their gradients once
         normed_PBSD = self.post_attention_layernorm(h_PBSD, g.hidden_D)
-        mlp_PBSD, aux = self.mlp(normed_PBSD) if g.mlp_F is None else self.mlp(normed_PBSD, live_F=g.mlp_F)
+        mlp_PBSD, aux = mlp(normed_PBSD) if g.mlp_F is None else mlp(normed_PBSD, live_F=g.mlp_F)
         mlp_PBSD = masked(mlp_PBSD, g.hidden_D)
         if g.depth is None:
             return h_PBSD + mlp_PBSD, cache, aux
@@ -103,7 +129,7 @@ class Block(nnx.Module):
 
 
 def scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask, kv=None, index=None,
-                remat: str = "none", masks: GrowthMasks | None = None):
+                remat: str = "none", masks: GrowthMasks | None = None, mlps=None):
     """The P streams through the L stacked layers under `lax.scan`: (hidden states, kv, Aux per layer).
 
     `shared_state` holds the layer weights `[L, ...]`; `prefix_state` the prefixes `[L, P, K, T, H]`
@@ -111,34 +137,90 @@ def scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH
     (None in training, where the layers are rematerialized by `remat`); `masks` the growth masks, whose
     `depth` goes down the layers with them.
 
-    Given as lists of per-layer states (and `kv` as per-layer pairs), the same layers run as a Python
-    loop: decoding does, since a scan reads each layer's weights out of the stacked arrays at half
-    the bandwidth of separate ones, and a decode step is nothing but reading the weights.
+    With model.moe_every = m > 1 the blocks keep no feed-forward weights; `mlps` holds them as
+    ((dense graph, weights `[L - L/m, ...]`), (MoE graph, weights `[L/m, ...]`)), and the scan runs
+    L/m groups of m layers, m - 1 dense then one routed: blocks must be alike for a scan, groups
+    are. The Aux is then the routed layers' alone (`[L/m]`), so dense layers do not dilute its means.
+
+    Given as lists of per-layer states (and `kv` as per-layer pairs, `mlps` as each layer's
+    (graphs, weights) lists), the same layers run as a Python loop: decoding does, since a scan reads
+    each layer's weights out of the stacked arrays at half the bandwidth of separate ones, and a
+    decode step is nothing but reading the weights.
     """
 
     depth = None if masks is None else masks.depth
 
-    def layer(x_PBSD, per_layer):
-        shared, prefix, layer_kv, layer_depth = per_layer
+    def layer(mlp_def, x_PBSD, per_layer):
+        shared, prefix, layer_kv, layer_depth, mlp = per_layer
         block = nnx.merge(layers_def, shared, prefix)
         cache = None if layer_kv is None else KVCache(*layer_kv, index)
         layer_masks = None if masks is None else masks._replace(depth=layer_depth)
-        x_PBSD, cache, aux = block(x_PBSD, cos_BSH, sin_BSH, mask, cache, layer_masks)
+        mlp = None if mlp_def is None else nnx.merge(mlp_def, mlp)
+        x_PBSD, cache, aux = block(x_PBSD, cos_BSH, sin_BSH, mask, cache, layer_masks, mlp)
         layer_kv = None if cache is None else (cache.k, cache.v)
         return constrain(x_PBSD, ("stream", "batch", "length", "act_embed")), (layer_kv, aux)
 
     if isinstance(shared_state, list):
-        outputs = []
         L = len(shared_state)
+        mlp_defs, mlp_states = mlps or ([None] * L, [None] * L)
+        outputs = []
         for l, (shared, prefix, layer_kv) in enumerate(zip(shared_state, prefix_state, kv or [None] * L)):
-            x_PBSD, output = layer(x_PBSD, (shared, prefix, layer_kv, None if depth is None else depth[l]))
+            x_PBSD, output = layer(mlp_defs[l], x_PBSD, (shared, prefix, layer_kv, None if depth is None else depth[l],
+                                                         mlp_states[l]))
             outputs.append(output)
         kv = None if kv is None else [layer_kv for layer_kv, _ in outputs]
-        return x_PBSD, kv, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(aux for _, aux in outputs))
-    if remat != "none" and kv is None:
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    h_PBSD, (kv, aux) = jax.lax.scan(layer, x_PBSD, (shared_state, prefix_state, kv, depth))
+        return x_PBSD, kv, stack_aux([aux for _, aux in outputs])
+
+    def run(mlp_def):  # one layer, rematerialized in training
+        step = functools.partial(layer, mlp_def)
+        if remat != "none" and kv is None:
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        return step
+
+    if mlps is None:
+        h_PBSD, (kv, aux) = jax.lax.scan(run(None), x_PBSD, (shared_state, prefix_state, kv, depth, None))
+        return h_PBSD, kv, aux
+    (dense_def, dense_state), (moe_def, moe_state) = mlps
+    L, groups = jax.tree.leaves(shared_state)[0].shape[0], jax.tree.leaves(moe_state)[0].shape[0]
+    m = L // groups
+    dense_run, moe_run = run(dense_def), run(moe_def)
+
+    def grouped(tree, n):  # [groups · n, ...] -> [groups, n, ...]
+        return jax.tree.map(lambda x: x.reshape(groups, n, *x.shape[1:]), tree)
+
+    def group(x_PBSD, per_group):
+        shared, prefix, group_kv, group_depth, dense, moe = per_group
+        outputs = []
+        for j in range(m):
+            at = functools.partial(jax.tree.map, lambda x, j=j: x[j])
+            step, mlp = (moe_run, moe) if j == m - 1 else (dense_run, at(dense))
+            x_PBSD, output = step(x_PBSD, (at(shared), at(prefix), at(group_kv), at(group_depth), mlp))
+            outputs.append(output)
+        group_kv = None if group_kv is None else jax.tree.map(lambda *x: jnp.stack(x), *(o[0] for o in outputs))
+        return x_PBSD, (group_kv, outputs[-1][1])
+
+    xs = (grouped(shared_state, m), grouped(prefix_state, m), grouped(kv, m), grouped(depth, m),
+          grouped(dense_state, m - 1), moe_state)
+    h_PBSD, (kv, aux) = jax.lax.scan(group, x_PBSD, xs)
+    kv = None if kv is None else jax.tree.map(lambda x: x.reshape(L, *x.shape[2:]), kv)
     return h_PBSD, kv, aux
+
+
+def stack_aux(auxes: list[Aux]) -> Aux:
+    """The per-layer Aux of the layers that report any (dense ones report none), stacked."""
+    reported = [aux for aux in auxes if aux.losses or aux.stats]
+    return jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *reported) if reported else Aux.none()
+
+
+def stacked(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """n modules `make(rngs)` with their weights stacked on a leading axis, which every parameter declares."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+
+    return build(rngs)
 
 
 class ParScaleLM(nnx.Module):
@@ -153,12 +235,10 @@ class ParScaleLM(nnx.Module):
                                       embedding_metadata=declare(("vocab", "embed"), "embedding"))
 
         # L blocks with their weights stacked on a leading axis, which every parameter declares.
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
-        def make_layers(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
-
-        self.layers = make_layers(rngs)
+        self.layers = stacked(lambda rngs: Block(cfg, rngs), cfg.num_layers, rngs)
+        if cfg.moe_every > 1:  # the feed-forward blocks in stacks of their own: dense_mlp, moe_mlp
+            for (name,), (ffn, layers) in mlp_stacks(cfg).items():
+                setattr(self, name, stacked(lambda rngs, ffn=ffn: FFN_TYPES[ffn](cfg, rngs), len(layers), rngs))
         self.norm = RMSNorm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg, rngs, D, cfg.vocab_size, ("embed", "vocab"), kind="embedding")
@@ -194,12 +274,33 @@ class ParScaleLM(nnx.Module):
         logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, mask, cache, layers)
         return logits_BSV, cache
 
-    def unstack_layers(self) -> tuple[list, list]:
-        """(per-layer weight states, per-layer prefix states): copies of the stacked layers, one per layer."""
+    def unstack_layers(self) -> tuple[list, list, list | None]:
+        """(per-layer weight states, per-layer prefix states, per-layer feed-forward states or None
+        when the blocks hold them): copies of the stacked layers, one per layer."""
+        cfg = self.config
         _, prefix_state, shared_state = nnx.split(self.layers, ParScaleParam, ...)
-        L = self.config.num_layers
+        L = cfg.num_layers
+        mlps = None
+        if cfg.moe_every > 1:
+            mlps = [None] * L
+            for (name,), (_, layers) in mlp_stacks(cfg).items():
+                state = nnx.state(getattr(self, name))
+                for position, l in enumerate(layers):
+                    mlps[l] = jax.tree.map(lambda x, p=position: x[p], state)
         return ([jax.tree.map(lambda x, l=l: x[l], shared_state) for l in range(L)],
-                [jax.tree.map(lambda x, l=l: x[l], prefix_state) for l in range(L)])
+                [jax.tree.map(lambda x, l=l: x[l], prefix_state) for l in range(L)], mlps)
+
+    def split_mlps(self, per_layer: list | None = None):
+        """The feed-forward stacks kept beside the blocks (model.moe_every > 1) as `scan_layers` takes
+        them: ((dense graph, weights), (MoE graph, weights)); with `per_layer` weights (from
+        `unstack_layers`), (each layer's graph, `per_layer`). None when the blocks hold them."""
+        cfg = self.config
+        if cfg.moe_every == 1:
+            return None
+        dense, moe = nnx.split(self.dense_mlp), nnx.split(self.moe_mlp)
+        if per_layer is None:
+            return dense, moe
+        return [moe[0] if moe_layer(cfg, l) else dense[0] for l in range(cfg.num_layers)], per_layer
 
     def forward(self, tokens_BS, positions_BS, mask, cache: KVCache | None = None, layers=None,
                 masks: GrowthMasks | None = None):
@@ -218,20 +319,22 @@ class ParScaleLM(nnx.Module):
 
     def streams(self, x_BSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None, layers=None,
                 masks: GrowthMasks | None = None):
-        """(final-normed hidden states of every stream `[P, B, S, D]`, aux averaged over layers, the
-        updated cache or None). Every stream starts from the same embeddings; the layers see the
-        streams as one more leading axis (their weights are shared, only the prefixes differ).
-        With `layers` (per-layer states) the cache holds per-layer tuples of arrays."""
+        """(final-normed hidden states of every stream `[P, B, S, D]`, aux averaged over layers (the
+        routed ones), the updated cache or None). Every stream starts from the same embeddings; the
+        layers see the streams as one more leading axis (their weights are shared, only the prefixes
+        differ). With `layers` (per-layer states) the cache holds per-layer tuples of arrays."""
         P = self.config.parscale_n
         layers_def, prefix_state, shared_state = nnx.split(self.layers, ParScaleParam, ...)
+        mlps = self.split_mlps()
         if layers is not None:
-            shared_state, prefix_state = layers
+            shared_state, prefix_state, mlp_states = layers
+            mlps = self.split_mlps(mlp_states)
         x_PBSD = constrain(jnp.broadcast_to(x_BSD, (P, *x_BSD.shape)), ("stream", "batch", "length", "act_embed"))
         kv, index = (None, None) if cache is None else ((cache.k, cache.v), cache.index)
         if kv is not None and layers is not None:
             kv = list(zip(*kv))
         h_PBSD, kv, aux = scan_layers(layers_def, shared_state, prefix_state, x_PBSD, cos_BSH, sin_BSH, mask,
-                                      kv, index, self.config.remat, masks)
+                                      kv, index, self.config.remat, masks, mlps)
         if kv is not None and layers is not None:
             kv = tuple(zip(*kv))
         cache = None if cache is None else KVCache(*kv, cache.index + x_BSD.shape[1])

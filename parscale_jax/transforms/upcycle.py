@@ -2,10 +2,12 @@
 
 Every expert starts as a copy of the dense MLP (each copy, with `noise` R > 0, plus Gaussian noise
 of R times that weight's RMS, so the experts can part ways); the router is new (normal with
-model.init_std, seeded by train.seed); everything else, the ParScale prefixes and aggregator included, is copied. With
-renormalized top-k and no dropped tokens (`model.moe_renormalize=true`, `model.moe_capacity_factor=0`)
-and no noise, every token's k weights sum to 1 over identical experts, so the new model computes
-exactly what the dense one did. The new run records its lineage and trains with a fresh optimizer.
+model.init_std, seeded by train.seed). With `model.moe_every` = m > 1 only every m-th layer's MLP
+(layer i when (i + 1) % m == 0) becomes experts; the others stay dense. Everything else, the
+ParScale prefixes and aggregator included, is copied. With renormalized top-k and no dropped
+tokens (`model.moe_renormalize=true`, `model.moe_capacity_factor=0`) and no noise, every token's k
+weights sum to 1 over identical experts, so the new model computes exactly what the dense one did.
+The new run records its lineage and trains with a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -21,12 +23,30 @@ from parscale_jax.config import MOE_FIELDS, load_config, to_dict
 from parscale_jax.errors import ConfigError
 from parscale_jax.layout import Layout
 from parscale_jax.model.config import ModelConfig
+from parscale_jax.model.lm import mlp_stacks
 from parscale_jax.runs import Run, check_new, initial_weights, read_source
+
 
 def _same_apart_from_moe(new: ModelConfig, old: ModelConfig) -> bool:
     defaults = ModelConfig()
     plain = {name: getattr(defaults, name) for name in MOE_FIELDS}
     return dataclasses.replace(new, ffn=old.ffn, **plain) == old
+
+
+def experts_from(dense: dict, m: ModelConfig, rng: np.random.Generator, noise: float) -> dict[str, Any]:
+    """A MoE stack from a stack of l dense MLPs: each [l, I, O] kernel becomes E copies [l, E, I, O],
+    and a new router [l, D, E]."""
+    count = np.shape(dense["gate_proj"]["kernel"])[0]
+    router_lDE = m.init_std * rng.standard_normal((count, m.hidden_size, m.num_experts))
+    experts: dict[str, Any] = {"router": {"kernel": router_lDE.astype(dense["gate_proj"]["kernel"].dtype)}}
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        weight_lIO = np.asarray(dense[name]["kernel"])
+        copies_lEIO = np.repeat(weight_lIO[:, None], m.num_experts, axis=1)
+        if noise:
+            rms = float(np.sqrt(np.mean(np.square(weight_lIO, dtype=np.float64))))
+            copies_lEIO = copies_lEIO + (noise * rms * rng.standard_normal(copies_lEIO.shape)).astype(copies_lEIO.dtype)
+        experts[name] = copies_lEIO
+    return experts
 
 
 def upcycle(source: str | Path, out: str | Path, overrides: list[str] | None = None, noise: float = 0.0
@@ -57,17 +77,15 @@ def upcycle(source: str | Path, out: str | Path, overrides: list[str] | None = N
         raise ConfigError("model.moe_shared_expert_size", "upcycling makes routed experts only; leave it 0")
 
     rng = np.random.default_rng(new.train.seed)
-    dense = params["layers"]["mlp"]
-    router_LDE = m.init_std * rng.standard_normal((m.num_layers, m.hidden_size, m.num_experts))
-    experts: dict[str, Any] = {"router": {"kernel": router_LDE.astype(dense["gate_proj"]["kernel"].dtype)}}
-    for name in ("gate_proj", "up_proj", "down_proj"):  # each [L, I, O] becomes E copies [L, E, I, O]
-        weight_LIO = np.asarray(dense[name]["kernel"])
-        copies_LEIO = np.repeat(weight_LIO[:, None], m.num_experts, axis=1)
-        if noise:
-            rms = float(np.sqrt(np.mean(np.square(weight_LIO, dtype=np.float64))))
-            copies_LEIO = copies_LEIO + (noise * rms * rng.standard_normal(copies_LEIO.shape)).astype(copies_LEIO.dtype)
-        experts[name] = copies_LEIO
-    params = dict(params, layers=dict(params["layers"], mlp=experts))
+    layers = dict(params["layers"])
+    dense = layers.pop("mlp")
+    if m.moe_every == 1:
+        params = dict(params, layers=dict(layers, mlp=experts_from(dense, m, rng, noise)))
+    else:  # only the routed layers' MLPs become experts; the others stay as they are
+        stacks = {stack: jax.tree.map(lambda x, held=held: np.asarray(x)[held], dense)
+                  for (stack,), (_, held) in mlp_stacks(m).items()}
+        params = dict(params, layers=layers, dense_mlp=stacks["dense_mlp"],
+                      moe_mlp=experts_from(stacks["moe_mlp"], m, rng, noise))
     layout = Layout.create(new)
     with jax.set_mesh(layout.mesh):
         initial = initial_weights(layout, params, m, np.dtype(m.param_dtype))

@@ -58,6 +58,8 @@ def upscale(source: str | Path, out: str | Path, drop: int | None = None, insert
     check_new(out)
     source = read_source(source, "upscale")
     config, params = source.config, source.params
+    if config.model.moe_every > 1:  # a layer map would have to keep every m-th layer routed
+        raise ConfigError("--from", f"upscale copies whole layers, not model.moe_every={config.model.moe_every} groups")
     n = config.model.num_layers
     if drop is not None:
         layers, inserted, method = solar_layers(n, drop), [False] * (2 * (n - drop)), "solar"
@@ -66,7 +68,7 @@ def upscale(source: str | Path, out: str | Path, drop: int | None = None, insert
     identity = [i for i, x in enumerate(inserted) if x]
     params = dict(params, layers=jax.tree.map(lambda x: x[np.asarray(layers)], params["layers"]))  # copies
     for path in residual_outputs(config.model):
-        for leaf in jax.tree.leaves(functools.reduce(dict.get, path, params["layers"])):
+        for leaf in jax.tree.leaves(functools.reduce(dict.get, path, params)):
             leaf[identity] = 0
 
     values = to_dict(config)

@@ -19,9 +19,11 @@ class Qwen2ParScaleConfig(PretrainedConfig):
     learned prefix key/value slots each stream owns in every layer, and `parscale_attn_smooth` the smoothing ε applied
     to the aggregation weights (`w * (1 - ε) + ε / P`). `qkv_bias` selects Qwen2 (biased q/k/v projections) or Llama
     (no biases) attention; configs without the key are Qwen2. `qk_norm` RMS-normalizes every query and key head before
-    RoPE (Qwen3). `num_experts` > 0 makes every layer's MLP a Mixture of Experts as Qwen2-MoE's: `num_experts_per_tok`
+    RoPE (Qwen3). `num_experts` > 0 makes the MLP of every `decoder_sparse_step`-th layer (layer i when
+    (i + 1) % decoder_sparse_step == 0; 1: every layer) a Mixture of Experts as Qwen2-MoE's: `num_experts_per_tok`
     experts of width `moe_intermediate_size` per token, their softmax weights renormalized with `norm_topk_prob`, plus
-    a sigmoid-gated shared expert of width `shared_expert_intermediate_size` (0: none).
+    a sigmoid-gated shared expert of width `shared_expert_intermediate_size` (0: none); the other layers keep the
+    dense MLP of width `intermediate_size`.
     """
 
     model_type = "qwen2_parscale"
@@ -52,6 +54,7 @@ class Qwen2ParScaleConfig(PretrainedConfig):
         moe_intermediate_size: int | None = None,
         shared_expert_intermediate_size: int = 0,
         norm_topk_prob: bool = False,
+        decoder_sparse_step: int = 1,
         attention_dropout: float = 0.0,
         use_sliding_window: bool = False,
         sliding_window: int | None = None,
@@ -79,6 +82,8 @@ class Qwen2ParScaleConfig(PretrainedConfig):
             raise ValueError(f"parscale_n must be >= 1, got {parscale_n}.")
         if parscale_n > 1 and parscale_n_tokens < 1:
             raise ValueError(f"parscale_n_tokens must be >= 1 when parscale_n > 1, got {parscale_n_tokens}.")
+        if decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be >= 1, got {decoder_sparse_step}.")
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -99,6 +104,7 @@ class Qwen2ParScaleConfig(PretrainedConfig):
         self.moe_intermediate_size = moe_intermediate_size if moe_intermediate_size is not None else intermediate_size
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
         self.norm_topk_prob = norm_topk_prob
+        self.decoder_sparse_step = decoder_sparse_step
         self.attention_dropout = attention_dropout
         self.use_sliding_window = False
         self.sliding_window = None

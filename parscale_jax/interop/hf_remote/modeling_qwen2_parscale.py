@@ -9,8 +9,10 @@ attention keys/values of every layer. After the final norm, a small MLP scores t
 hidden state is their softmax-weighted sum. P = 1 is exactly a plain Qwen2 model.
 
 Beyond the official code: `qk_norm` normalizes each query and key head before RoPE (as Qwen3; the prefixes are keys as
-attention uses them, never normalized or rotated), and `num_experts` > 0 replaces every MLP by a Mixture of Experts
-with Qwen2-MoE's routing and tensor names (`mlp.gate`, `mlp.experts.{e}.*_proj`, `mlp.shared_expert*`).
+attention uses them, never normalized or rotated), and `num_experts` > 0 replaces the MLP of every
+`decoder_sparse_step`-th layer (layer i when (i + 1) % decoder_sparse_step == 0, as Qwen2-MoE) by a Mixture of Experts
+with Qwen2-MoE's routing and tensor names (`mlp.gate`, `mlp.experts.{e}.*_proj`, `mlp.shared_expert*`); the other layers
+keep the dense MLP.
 
 Layouts. Hidden states between layers are `[P * B, S, H]` with stream-major rows (row `p * B + b` is stream p of
 sequence b). Inside attention the streams are folded into the head axis instead, `[B, P * heads, S, head_dim]`, so the
@@ -196,7 +198,8 @@ class Qwen2ParScaleDecoderLayer(nn.Module):
         self.input_layernorm = Qwen2ParScaleRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Qwen2ParScaleAttention(config, layer_idx)
         self.post_attention_layernorm = Qwen2ParScaleRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = Qwen2ParScaleSparseMoeBlock(config) if config.num_experts else Qwen2ParScaleMLP(config)
+        routed = config.num_experts and (layer_idx + 1) % config.decoder_sparse_step == 0
+        self.mlp = Qwen2ParScaleSparseMoeBlock(config) if routed else Qwen2ParScaleMLP(config)
 
     def forward(
         self,
