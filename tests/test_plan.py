@@ -170,7 +170,7 @@ def test_multi_slice_mesh_runs_data_across_slices():
     devices = list(planning.tpu_target("v5e-8", slices=2).devices)
     config = load_config(overrides=[*TINY, "mesh.stream=2", "mesh.model=2", "mesh.dcn_data=2"])
     mesh = Layout.create(config, devices).mesh
-    assert dict(mesh.shape) == {"data": 4, "stream": 2, "model": 2}
+    assert dict(mesh.shape) == {"data": 4, "expert": 1, "stream": 2, "model": 2}
     slice_of = np.vectorize(lambda device: device.slice_index)(mesh.devices)
     assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()  # only `data` crosses the DCN
     with pytest.raises(ConfigError, match="mesh.dcn_data: is 1 but the devices form 2 slice"):

@@ -349,8 +349,8 @@ def poison(monkeypatch, token: int, what: str) -> None:
     """Make the objective (and, for "loss", the reported loss too) NaN on batches holding `token`."""
     real = step_module.loss_sums
 
-    def poisoned(params, graphdef, batch, z_loss, masks=None):
-        objective, (ce_sum, n_tokens, aux) = real(params, graphdef, batch, z_loss, masks)
+    def poisoned(params, graphdef, batch, *args):
+        objective, (ce_sum, n_tokens, aux) = real(params, graphdef, batch, *args)
         factor = jnp.where(jnp.any(batch["tokens"] == token), jnp.nan, 1.0)
         return objective * factor, (ce_sum * factor if what == "loss" else ce_sum, n_tokens, aux)
 
