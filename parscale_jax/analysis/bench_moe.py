@@ -78,7 +78,7 @@ def speed(config: Config, o: MoEOptions) -> list[dict[str, Any]]:
     return rows
 
 
-def _train(config: Config, run_dir: Path, progress: bool) -> list[dict[str, Any]]:
+def train_or_finish(config: Config, run_dir: Path, progress: bool) -> list[dict[str, Any]]:
     """Train the run, or finish it where it stopped (a finished one is not reopened); its records."""
     if (run_dir / "config.yaml").is_file():
         config = Run.open(run_dir).config
@@ -109,7 +109,7 @@ def quality(config: Config, work: Path, o: MoEOptions, progress: bool) -> dict[s
         raise ConfigError("train.eval_every", "bench moe compares held-out losses: set it above 0")
     variants = {"dense": config, **{f"moe{E}": moe_variant(config, E, o) for E in o.experts}}
     variants[f"moe{min(o.experts)}-p{o.streams}"] = moe_variant(config, min(o.experts), o, o.streams)
-    records = {name: _train(cfg, work / name, progress) for name, cfg in variants.items()}
+    records = {name: train_or_finish(cfg, work / name, progress) for name, cfg in variants.items()}
     return {name: summary(cfg, records[name], o.timed_steps) for name, cfg in variants.items()}
 
 
@@ -131,7 +131,7 @@ def upcycling(config: Config, work: Path, o: MoEOptions, progress: bool) -> dict
                                                f"train.warmup_steps={more.warmup_steps}"], noise=0.01)
     run_dirs = {"dense-continued": continued_dir, "upcycled": upcycled_dir}
     configs = {name: Run.open(run_dir).config for name, run_dir in run_dirs.items()}
-    records = {name: _train(configs[name], run_dirs[name], progress) for name in run_dirs}
+    records = {name: train_or_finish(configs[name], run_dirs[name], progress) for name in run_dirs}
     return {name: summary(cfg, records[name], o.timed_steps) for name, cfg in configs.items()}
 
 
