@@ -10,21 +10,19 @@ import json
 import jax
 import numpy as np
 import pytest
-import torch
 import transformers
 from safetensors.numpy import load_file
 
 from conftest import TINY
-from parscale_jax.config import SamplingConfig, load_config
+from parscale_jax.config import load_config
 from parscale_jax.errors import ConfigError
-from parscale_jax.inference.generate import Generator
 from parscale_jax.interop import hf
-from parscale_jax.layout import Layout
-from parscale_jax.model import mlp_stacks, model_graphdef, param_info, residual_outputs
+from parscale_jax.model import mlp_stacks, param_info, residual_outputs
 from parscale_jax.model.counting import active_non_embedding_params, non_embedding_params, train_flops_per_token
 from parscale_jax.training.loop import train
 from test_moe import step0_logits
-from test_moe_hf import MOE, OURS, SHAPE, load_hf, our_logits, our_random_params, randomized, torch_logits
+from test_moe_hf import (MOE, OURS, SHAPE, load_hf, loads_through_the_remote_code, our_logits, our_random_params,
+                         randomized, torch_logits)
 
 EVERY2 = ["model.num_layers=4", "model.moe_every=2"]
 
@@ -92,24 +90,7 @@ def test_a_p2_run_exports_through_the_remote_code_and_decodes_as_it_recomputes(t
     params = our_random_params(cfg, 3)
     out = hf.write_hf_checkpoint(tmp_path / "hf", params, cfg, "byte")
     assert json.loads((out / "config.json").read_text())["decoder_sparse_step"] == 2
-    model = load_hf(out)
-    assert type(model).__name__ == "Qwen2ParScaleForCausalLM"
-    np.testing.assert_allclose(torch_logits(model, ids), our_logits(params, cfg, ids), atol=1e-4, rtol=0)
-    back_cfg, back = hf.read_hf_checkpoint(out)
-    assert back_cfg == cfg
-    jax.tree.map(np.testing.assert_array_equal, back, params)
-
-    # Cached decoding (the layers as a loop over per-layer weights) against recomputation and transformers.
-    prompt = ids[0, :6].tolist()
-    layout = Layout.create(config)
-    with jax.set_mesh(layout.mesh):
-        generator = Generator(model_graphdef(cfg), cfg, layout, 1, 24, SamplingConfig(max_new_tokens=8))
-        (tokens,), logits = generator.run(params, [prompt], keep_logits=True)
-    recomputed = our_logits(params, cfg, [prompt + tokens])[0, 5:13]
-    np.testing.assert_allclose(logits[:, 0], recomputed, atol=1e-4, rtol=0)
-    generated = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                               attention_mask=torch.ones(1, 6, dtype=torch.long))
-    assert generated[0].tolist() == prompt + tokens
+    loads_through_the_remote_code(out, params, cfg, ids)
 
 
 def test_training_logs_the_routed_layers_statistics_undiluted(tmp_path):

@@ -63,6 +63,28 @@ def load_hf(directory):
     return model.eval()
 
 
+def loads_through_the_remote_code(out, params, cfg, ids) -> None:
+    """A P > 1 export loads through our remote code with our logits, reads back as it was written,
+    and decodes (our KV cache: prefixes in the cache, q/k norms, routed layers) as recomputation and
+    transformers' cached decoding do."""
+    model = load_hf(out)
+    assert type(model).__name__ == "Qwen2ParScaleForCausalLM"
+    np.testing.assert_allclose(torch_logits(model, ids), our_logits(params, cfg, ids), atol=1e-4, rtol=0)
+    back_cfg, back = hf.read_hf_checkpoint(out)
+    assert back_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    prompt = ids[0, :6].tolist()
+    layout = Layout.create(load_config())
+    with jax.set_mesh(layout.mesh):
+        generator = Generator(model_graphdef(cfg), cfg, layout, 1, 24, SamplingConfig(max_new_tokens=8))
+        (tokens,), logits = generator.run(params, [prompt], keep_logits=True)
+    recomputed = our_logits(params, cfg, [prompt + tokens])[0, 5:13]
+    np.testing.assert_allclose(logits[:, 0], recomputed, atol=1e-4, rtol=0)
+    generated = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                               attention_mask=torch.ones(1, 6, dtype=torch.long))
+    assert generated[0].tolist() == prompt + tokens
+
+
 def our_random_params(cfg, seed: int) -> dict:
     """Freshly initialized, with every norm gain (the q/k norms' too) moved off 1 so that a swap shows."""
     rng = np.random.default_rng(seed)
@@ -172,24 +194,7 @@ def test_p2_moe_export_loads_through_the_remote_code_with_our_logits_and_tokens(
     names = set(load_file(str(out / "model.safetensors")))
     assert {"model.layers.0.mlp.experts.3.down_proj.weight", "model.layers.0.mlp.shared_expert_gate.weight",
             "model.layers.0.self_attn.k_norm.weight", "model.layers.0.self_attn.prefix_k"} <= names
-    model = load_hf(out)
-    assert type(model).__name__ == "Qwen2ParScaleForCausalLM"
-    np.testing.assert_allclose(torch_logits(model, ids), our_logits(params, cfg, ids), atol=1e-4, rtol=0)
-    back_cfg, back = hf.read_hf_checkpoint(out)
-    assert back_cfg == cfg
-    jax.tree.map(np.testing.assert_array_equal, back, params)
-
-    # Our KV-cache decoding (prefixes in the cache, q/k norms) against recomputation and transformers' cached decoding.
-    prompt = ids[0, :6].tolist()
-    layout = Layout.create(load_config())
-    with jax.set_mesh(layout.mesh):
-        generator = Generator(model_graphdef(cfg), cfg, layout, 1, 24, SamplingConfig(max_new_tokens=8))
-        (tokens,), logits = generator.run(params, [prompt], keep_logits=True)
-    recomputed = our_logits(params, cfg, [prompt + tokens])[0, 5:13]
-    np.testing.assert_allclose(logits[:, 0], recomputed, atol=1e-4, rtol=0)
-    generated = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                               attention_mask=torch.ones(1, 6, dtype=torch.long))
-    assert generated[0].tolist() == prompt + tokens
+    loads_through_the_remote_code(out, params, cfg, ids)
 
 
 def test_recycled_prefixes_are_the_backbones_normalized_keys(p2_moe, ids):
