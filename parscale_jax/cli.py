@@ -210,6 +210,18 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from parscale_jax.transforms.merge import merge
+
+    runs = [item for item in args.items if "=" not in item]  # the rest are section.key=value settings
+    summary = merge(runs, args.out, "average" if args.average else "moe", args.weights,
+                    [item for item in args.items if "=" in item])
+    weights = ", ".join(f"{w:.3g}" for w in summary["weights"])
+    print(f"{summary['run_dir']}: {summary['method']} of {summary['runs']} runs (weights {weights}). "
+          f"Train it with: parscale-jax train --run-dir {args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from parscale_jax.runs import Run, export_hf
 
@@ -457,6 +469,18 @@ COMMANDS = (
                 option("--noise", type=float, default=0.0, metavar="R",
                        help="add Gaussian noise of R times each weight's RMS to every expert's copy (default 0)"),
                 overrides("e.g. model.num_experts=8 model.experts_per_token=2, and data/train settings"))),
+    Command("merge", cmd_merge, "one run from several: their weighted average, or their MLPs as the experts "
+            "of a Mixture-of-Experts (Branch-Train-MiX)",
+            description="The runs (or Hugging Face directories) must have the same shape; an average of runs "
+                        "that share no ancestor gets a warning. --moe averages every other weight and adds a new "
+                        "router. The new run names every source in its lineage.", options=(
+                OneOf((option("--average", action="store_true", help="a weighted average of every parameter"),
+                       option("--moe", action="store_true", help="run j's MLP becomes expert j (BTX)")),
+                      required=True),
+                option("--weights", type=float_list, help="one positive weight per run (default: equal)"),
+                out("the run directory to create", required=True),
+                option("items", nargs="+", metavar="RUN_OR_SETTING",
+                       help="the runs to merge, then any section.key=value settings of the new run"))),
     Command("export", cmd_export, "write a run's model as a Hugging Face checkpoint", options=(
         run_dir(),
         out("the checkpoint directory to write", required=True),
