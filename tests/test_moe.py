@@ -68,9 +68,14 @@ def reference(params: dict, x_PBSD, cfg: ModelConfig):
     return y, dropped
 
 
-@pytest.mark.parametrize("k, factor, renormalize, shared", [
-    (1, 0.0, True, 0), (2, 0.0, True, 0), (1, 1.0, True, 0), (2, 1.0, False, 0), (2, 0.5, True, 6)])
-@pytest.mark.parametrize("impl", ["gather", "ragged"])
+# (k, capacity factor, renormalized, shared expert width, dispatch): each setting on the gather path,
+# the grouped product dropless and with drops.
+ROUTED_LAYERS = [(1, 0.0, True, 0, "gather"), (2, 0.0, True, 0, "gather"), (1, 1.0, True, 0, "gather"),
+                 (2, 1.0, False, 0, "gather"), (2, 0.5, True, 6, "gather"), (2, 0.0, True, 0, "ragged"),
+                 (2, 0.5, False, 6, "ragged")]
+
+
+@pytest.mark.parametrize("k, factor, renormalize, shared, impl", ROUTED_LAYERS)
 def test_the_routed_layer_equals_a_per_token_loop(k, factor, renormalize, shared, impl):
     graphdef, state, cfg = moe_layer(experts_per_token=k, moe_capacity_factor=factor, moe_renormalize=renormalize,
                                      moe_shared_expert_size=shared, moe_impl=impl)
@@ -186,7 +191,6 @@ def test_a_moe_with_streams_trains_and_logs_its_router(tmp_path):
 # Expert parallelism: 8 CPU devices in a subprocess, against one device here.
 
 EP_MESHES = {  # name: (model settings, mesh)
-    "expert8": ([], ["mesh.data=1", "mesh.expert=8"]),
     "data2-expert2-stream2-fsdp": ([], ["mesh.data=2", "mesh.expert=2", "mesh.stream=2", "mesh.fsdp=true"]),
     "expert2-stream2-model2": ([], ["mesh.data=1", "mesh.expert=2", "mesh.stream=2", "mesh.model=2"]),
     "every2-expert4-stream2": (["model.moe_every=2"], ["mesh.data=1", "mesh.expert=4", "mesh.stream=2"]),
@@ -203,7 +207,7 @@ from test_moe import EP_MESHES, EP_MODEL
 for name, (model, mesh) in EP_MESHES.items():
     config = mesh_worker.tiny_config(*EP_MODEL, *model, *mesh)
     np.savez({out!r} + f"/{{name}}.npz", **mesh_worker.first_gradients(config, with_loss=True))
-    if name == "expert8":  # the exchange is an all-to-all over the expert axis
+    if name == "every2-expert4-stream2":  # the exchange is an all-to-all over the expert axis
         from parscale_jax.model import abstract_params, model_graphdef
         from parscale_jax.evaluate import model_logits
         layout = Layout.create(config)
@@ -285,6 +289,8 @@ def test_an_upcycled_run_computes_what_the_dense_one_did(dense_runs, tmp_path, P
     lineage = run.lineage()
     assert lineage["made_from"] == "upcycle" and lineage["parents"][0]["path"] == str(dense_runs[P].absolute())
     assert lineage["num_experts"] == 4 and lineage["noise"] == 0.0
+    if P == 1:
+        return
     # With noise the experts differ, the function moves a little, and the run trains.
     noisy = tmp_path / "noisy"
     assert main(["upcycle", "--from", str(dense_runs[P]), "--out", str(noisy), "--noise", "0.01",
