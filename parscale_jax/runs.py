@@ -33,13 +33,14 @@ import yaml
 from flax.nnx.traversals import flatten_mapping
 
 from parscale_jax.checkpoint import Checkpointer, complete_steps, restore_params, save_params
-from parscale_jax.config import Config, DataConfig, config_differences, from_dict, load_config, read_yaml, to_dict
+from parscale_jax.config import (Config, DataConfig, config_differences, from_dict, load_config, read_yaml,
+                                 require_trainable, to_dict)
 from parscale_jax.errors import ConfigError
 from parscale_jax.files import write_atomic
 from parscale_jax.growth import Schedule
 from parscale_jax.interop import hf
 from parscale_jax.layout import Layout
-from parscale_jax.model import abstract_params, init_params, merge_params, split_params
+from parscale_jax.model import abstract_params, init_params, merge_params, partition_trainable, split_params
 from parscale_jax.model.config import ModelConfig
 from parscale_jax.recycle import new_stream_set
 
@@ -68,14 +69,6 @@ def fresh_params(config: Config, layout: Layout) -> dict:
     cfg = config.model
     return jax.jit(lambda: init_params(cfg, config.train.seed),
                    out_shardings=layout.param_shardings(abstract_params(cfg)))()
-
-
-def partition_trainable(params: dict, config: Config) -> tuple[dict, dict]:
-    """(trained, frozen) parameters: with `train.trainable=parscale` only the prefixes and the
-    aggregator train and the backbone is frozen; otherwise everything trains."""
-    if config.train.trainable == "parscale":
-        return split_params(params, config.model)
-    return params, {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +189,10 @@ class Run:
         return differ, model_changed and _param_shapes(old_model) != _param_shapes(self.config.model)
 
     def check_config(self, override: bool) -> None:
-        """Resuming under other settings than the run was started with needs `override`; the model's
+        """May this run train under its config? Something must train (`require_trainable`), and
+        resuming under other settings than the run was started with needs `override`; the model's
         shape can never change (its checkpoints would not fit)."""
+        require_trainable(self.config)
         differ, reshaped = self.config_changes()
         changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differ.items())
         if reshaped:
@@ -221,22 +216,21 @@ class Run:
         `initial/` (it is never checkpointed).
         """
         cfg, backbone_dir = self.config.model, self.initial_dir / "backbone"
-        peft = self.config.train.trainable == "parscale"
-        if not fresh:
-            _, backbone = split_params(abstract_params(cfg), cfg)
-            return None, restore_params(backbone_dir, layout.on_mesh(backbone)) if peft else {}
-        parscale, backbone = split_params(fresh_params(self.config, layout), cfg)
-        if backbone_dir.exists():
-            backbone = restore_params(backbone_dir, layout.on_mesh(backbone))
-            if (self.initial_dir / f"parscale_p{cfg.parscale_n}").exists():
-                parscale = restore_params(self.initial_dir / f"parscale_p{cfg.parscale_n}", layout.on_mesh(parscale))
-            elif cfg.parscale_n > 1:
-                parscale = new_stream_set(parscale, backbone, self.config)
-        elif peft:
+        peft, stream_set = self.config.train.trainable == "parscale", self.initial_dir / f"parscale_p{cfg.parscale_n}"
+        if peft and not backbone_dir.exists():
             raise ConfigError("train.trainable", "'parscale' trains new streams on a pretrained backbone, and "
                               f"{self.directory} has none: start from `parscale-jax import --hf DIR --out "
                               f"{self.directory}`")
-        return partition_trainable(merge_params(backbone, parscale), self.config)
+        parscale, backbone = split_params(fresh_params(self.config, layout) if fresh else abstract_params(cfg), cfg)
+        if backbone_dir.exists() and (fresh or peft):
+            backbone = restore_params(backbone_dir, layout.on_mesh(backbone))
+        if not fresh:
+            return None, backbone if peft else {}
+        if stream_set.exists():
+            parscale = restore_params(stream_set, layout.on_mesh(parscale))
+        elif cfg.parscale_n > 1 and backbone_dir.exists():
+            parscale = new_stream_set(parscale, backbone, self.config)
+        return partition_trainable(merge_params(backbone, parscale), cfg, self.config.train.trainable)
 
     def params(self, layout: Layout, step: int | None = None) -> tuple[dict, int]:
         """(all parameters on `layout`, their step): the newest checkpoint, or `step`'s. A run made
@@ -252,7 +246,7 @@ class Run:
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.checkpoint_dir} (it has {steps})")
         model = self.settled_config(step, "reading its weights").model
         layout = layout.for_model(model)
-        trained, _ = partition_trainable(abstract_params(model), self.config)
+        trained, _ = partition_trainable(abstract_params(model), model, self.config.train.trainable)
         checkpointer = self.checkpointer()
         try:  # only the parameters: the optimizer state stays on disk
             params = checkpointer.restore_part(step, {"params": layout.on_mesh(trained)})["params"]

@@ -55,3 +55,37 @@ def pytest_sessionfinish(session, exitstatus):
     if skipped and session.exitstatus == pytest.ExitCode.OK:
         reporter.write_line(f"{len(skipped)} test(s) skipped: the suite counts that as a failure", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def step0_logits(run_dir, tokens):
+    """The logits of a run's model (its newest weights; step 0's before it trains) for `tokens` [B, S]."""
+    import jax
+    import numpy as np
+
+    from parscale_jax.evaluate import model_logits
+    from parscale_jax.layout import Layout
+    from parscale_jax.model import model_graphdef
+    from parscale_jax.runs import Run
+
+    run = Run.open(run_dir)
+    layout = Layout.create(run.config)
+    with jax.set_mesh(layout.mesh):
+        params, _ = run.params(layout)
+        batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
+                 "segment_ids": np.ones_like(tokens)}
+        return np.asarray(model_logits(params, model_graphdef(run.config.model), batch)[0])
+
+
+@pytest.fixture(scope="module")
+def dense_runs(tmp_path_factory):
+    """A dense run with P = 1 and one with P = 2, each trained 2 steps (the seeds of upcycling,
+    merging and branching)."""
+    from parscale_jax.config import load_config
+    from parscale_jax.training.loop import train
+
+    runs = {}
+    for P in (1, 2):
+        run_dir = tmp_path_factory.mktemp("dense") / f"p{P}"
+        train(load_config(overrides=[*TINY, f"model.parscale_n={P}", "train.steps=2"]), run_dir, progress=False)
+        runs[P] = run_dir
+    return runs

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import SUBPROCESS_TIMEOUT, TINY
+from conftest import SUBPROCESS_TIMEOUT, TINY, step0_logits
 from parscale_jax.config import load_config
 from parscale_jax.errors import ConfigError
 from parscale_jax.model.config import ModelConfig
@@ -246,32 +246,6 @@ def test_expert_parallel_meshes_equal_one_device(tmp_path):
 # Sparse upcycling
 
 
-def step0_logits(run_dir: Path, tokens: np.ndarray) -> np.ndarray:
-    from parscale_jax.evaluate import model_logits
-    from parscale_jax.layout import Layout
-    from parscale_jax.model import model_graphdef
-    from parscale_jax.runs import Run
-
-    run = Run.open(run_dir)
-    layout = Layout.create(run.config)
-    with jax.set_mesh(layout.mesh):
-        params, _ = run.params(layout)
-        batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
-                 "segment_ids": np.ones_like(tokens)}
-        return np.asarray(model_logits(params, model_graphdef(run.config.model), batch)[0])
-
-
-@pytest.fixture(scope="module")
-def dense_runs(tmp_path_factory) -> dict[int, Path]:
-    """A dense run with P = 1 and one with P = 2, each trained 2 steps."""
-    runs = {}
-    for P in (1, 2):
-        run_dir = tmp_path_factory.mktemp("dense") / f"p{P}"
-        train(load_config(overrides=[*TINY, f"model.parscale_n={P}", "train.steps=2"]), run_dir, progress=False)
-        runs[P] = run_dir
-    return runs
-
-
 @pytest.mark.parametrize("P", [1, 2])
 def test_an_upcycled_run_computes_what_the_dense_one_did(dense_runs, tmp_path, P, capsys):
     from parscale_jax.cli import main
@@ -352,68 +326,3 @@ def test_identity_blocks_inserted_into_a_moe_run_keep_its_logits(dense_runs, tmp
     tokens = np.random.default_rng(1).integers(0, 320, (2, 16)).astype(np.int32)
     want = step0_logits(moe, tokens)
     np.testing.assert_allclose(step0_logits(deeper, tokens), want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Merging runs (Branch-Train-Merge): an average, or their MLPs as experts (BTX)
-
-
-def logits_of(params: dict, model_cfg, tokens: np.ndarray) -> np.ndarray:
-    from parscale_jax.evaluate import model_logits
-    from parscale_jax.model import model_graphdef
-
-    batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
-             "segment_ids": np.ones_like(tokens)}
-    return np.asarray(model_logits(params, model_graphdef(model_cfg), batch)[0])
-
-
-def test_merging_averages_runs_or_makes_their_mlps_experts(dense_runs, tmp_path, capsys):
-    from parscale_jax.cli import main
-    from parscale_jax.layout import Layout
-    from parscale_jax.runs import Run
-
-    tokens = np.random.default_rng(2).integers(0, 320, (2, 16)).astype(np.int32)
-    want = step0_logits(dense_runs[2], tokens)
-    # Two copies of one run average to the run.
-    assert main(["merge", "--average", "--out", str(tmp_path / "avg"), str(dense_runs[2]), str(dense_runs[2])]) == 0
-    np.testing.assert_allclose(step0_logits(tmp_path / "avg", tokens), want, rtol=0, atol=1e-6 * np.max(np.abs(want)))
-    lineage = Run.open(tmp_path / "avg").lineage()
-    assert lineage["made_from"] == "merge" and len(lineage["parents"]) == 2 and lineage["weights"] == [0.5, 0.5]
-    assert "warning" not in capsys.readouterr().err
-    # BTX of the run and another: expert j is run j's MLP, every other weight the average; with the
-    # router forced to expert 0 (every expert made a copy of it) it computes run 0's MLP on the
-    # averaged rest. The two runs share no ancestor: a warning says the average is not meaningful.
-    other = tmp_path / "other"
-    train(load_config(overrides=[*TINY, "model.parscale_n=2", "train.steps=2", "train.seed=5"]), other, progress=False)
-    assert main(["merge", "--moe", "--out", str(tmp_path / "btx"), str(dense_runs[2]), str(other),
-                 "model.experts_per_token=1"]) == 0
-    assert "share no ancestor" in capsys.readouterr().err
-    runs = [Run.open(path) for path in (dense_runs[2], other, tmp_path / "btx")]
-    layout = Layout.create(runs[2].config)
-    with jax.set_mesh(layout.mesh):
-        first, second, btx = (jax.tree.map(np.asarray, run.params(layout)[0]) for run in runs)
-    experts = btx["layers"]["mlp"]
-    for j, run in enumerate((first, second)):
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            np.testing.assert_array_equal(experts[name][:, j], run["layers"]["mlp"][name]["kernel"])
-    np.testing.assert_allclose(btx["embed_tokens"]["embedding"],
-                               (first["embed_tokens"]["embedding"] + second["embed_tokens"]["embedding"]) / 2,
-                               rtol=1e-6)
-    forced = {**btx, "layers": {**btx["layers"], "mlp": {**experts, **{
-        name: np.repeat(experts[name][:, :1], 2, axis=1) for name in ("gate_proj", "up_proj", "down_proj")}}}}
-    assembled = {**btx, "layers": {**btx["layers"], "mlp": first["layers"]["mlp"]}}
-    with jax.set_mesh(layout.mesh):
-        got, expected = logits_of(forced, runs[2].config.model, tokens), logits_of(assembled, runs[0].config.model, tokens)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.max(np.abs(expected)))
-    # One line each: runs of different shapes, a weight per run.
-    wide = tmp_path / "wide"
-    train(load_config(overrides=[*TINY, "model.parscale_n=2", "model.intermediate_size=96", "train.steps=1",
-                              "train.warmup_steps=0"]), wide,
-          progress=False)
-    capsys.readouterr()
-    for args, fragment in ((["--average", str(dense_runs[2]), str(wide)], "parameter layers/mlp/down_proj/kernel is"),
-                           (["--average", "--weights", "1,2,3", str(dense_runs[2]), str(other)], "3 weights for 2 runs")):
-        assert main(["merge", "--out", str(tmp_path / "bad"), *args]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and fragment in err[0], err
-        assert not (tmp_path / "bad").exists()

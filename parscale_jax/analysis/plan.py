@@ -27,8 +27,7 @@ from parscale_jax.config import Config, load_config, to_dict
 from parscale_jax.errors import ConfigError
 from parscale_jax.growth import Ramp, Schedule, describe
 from parscale_jax.layout import Layout
-from parscale_jax.model import abstract_params
-from parscale_jax.runs import partition_trainable
+from parscale_jax.model import abstract_params, partition_trainable
 from parscale_jax.training.step import Trainer, shardings_of
 
 GIB = 1024**3
@@ -151,7 +150,7 @@ def _step_inputs(config: Config, target: Target) -> tuple[Layout, Trainer, dict,
     layout = Layout.create(config, list(target.devices))
     trainer = Trainer.of(config)
     state = trainer.abstract_state(layout)
-    frozen = layout.on_mesh(partition_trainable(abstract_params(config.model), config)[1])
+    frozen = layout.on_mesh(partition_trainable(abstract_params(config.model), config.model, config.train.trainable)[1])
     return layout, trainer, state, frozen
 
 

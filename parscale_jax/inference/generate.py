@@ -24,8 +24,9 @@ import numpy as np
 from flax import nnx
 
 from parscale_jax.config import ModelConfig, SamplingConfig
-from parscale_jax.data.tokenizer import load_tokenizer
+from parscale_jax.data.tokenizer import Tokenizer, load_tokenizer
 from parscale_jax.errors import ConfigError
+from parscale_jax.evaluate import target_log_probs
 from parscale_jax.layout import LAYER_CACHE_AXES, Layout
 from parscale_jax.model import KVCache, model_graphdef, prefix_slots
 from parscale_jax.runs import Run
@@ -54,8 +55,11 @@ class Generator:
     """Compiled prefill and decode steps for one model, batch size and length budget."""
 
     def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig, layout: Layout, batch: int, max_len: int,
-                 sampling: SamplingConfig):
+                 sampling: SamplingConfig, score_prompt: bool = False):
+        """`score_prompt`: the prefill also gives log p(each prompt token | the ones before it), `[B, S - 1]`
+        (0 at padding): what an ensemble's posterior weights start from (ensemble.py)."""
         self.graphdef, self.cfg, self.batch, self.max_len, self.sampling = graphdef, cfg, batch, max_len, sampling
+        self.score_prompt = score_prompt
         # Decoding runs the layers as a loop over per-layer copies of the weights and a per-layer cache
         # (see `lm.scan_layers`); the prefill scans the stacked ones and hands the cache over per layer.
         per_layer = layout.sharding(LAYER_CACHE_AXES)
@@ -65,7 +69,13 @@ class Generator:
             model = nnx.merge(graphdef, nnx.State(params))
             logits_BSV, cache = model.decode(tokens_BS, positions_BS, model.init_cache(batch, max_len), visible_BSC)
             cache = KVCache(tuple(cache.k), tuple(cache.v), cache.index)
-            return sample(logits_BSV[:, -1], key, sampling), logits_BSV[:, -1], cache
+            scores_BS = ()
+            if score_prompt:
+                scores_BS = target_log_probs(logits_BSV[:, :-1].astype(jnp.float32), tokens_BS[:, 1:])[0]
+                T, S = prefix_slots(cfg), tokens_BS.shape[1]
+                real_BS = jnp.diagonal(visible_BSC[:, :, T:T + S], axis1=1, axis2=2)  # a token sees itself
+                scores_BS = jnp.where(real_BS[:, :-1], scores_BS, 0.0)
+            return sample(logits_BSV[:, -1], key, sampling), logits_BSV[:, -1], cache, scores_BS
 
         def decode(params, layers, cache, token_B, position_B, visible_BC, key):
             model = nnx.merge(graphdef, nnx.State(params))
@@ -74,7 +84,7 @@ class Generator:
             return sample(logits_B1V[:, 0], key, sampling), logits_B1V[:, 0], cache
 
         replicated = layout.replicated()
-        self._prefill = jax.jit(prefill, out_shardings=(replicated, replicated, cache_shardings))
+        self._prefill = jax.jit(prefill, out_shardings=(replicated, replicated, cache_shardings, replicated))
         self._decode = jax.jit(decode, donate_argnums=2, out_shardings=(replicated, replicated, cache_shardings))
         self._unstack = jax.jit(lambda params: nnx.merge(graphdef, nnx.State(params)).unstack_layers())
         self._unstacked: tuple[dict, tuple] | None = None  # (params, their per-layer copies)
@@ -104,62 +114,106 @@ class Generator:
             self._unstacked = (params, self._unstack(params))
         return self._unstacked[1]
 
+    def start(self, params: dict, prompts: Sequence[Sequence[int]]) -> Decoding:
+        """`prompts` left-padded, for this generator to continue with `params`, one `advance` at a time."""
+        return Decoding(self, params, prompts)
+
     def run(self, params: dict, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int] = (),
             on_tokens: Callable[[np.ndarray], None] | None = None,
             keep_logits: bool = False) -> tuple[list[list[int]], np.ndarray | None]:
         """(generated tokens per prompt, without the prompt and ending at a stop token if one came;
         with `keep_logits`, the last-position logits of every step `[steps, B, V]`, else None: only
         the tokens come to the host each step). `on_tokens` gets each step's tokens."""
-        B, T, budget = len(prompts), prefix_slots(self.cfg), self.max_len
-        if B != self.batch:
-            raise ValueError(f"this generator was built for {self.batch} prompts, got {B}")
+        decoding = self.start(params, prompts)
+        return decode_loop(decoding.advance, decoding.new_tokens, self.sampling.seed, stop_ids, on_tokens,
+                           keep_logits)
+
+
+class Decoding:
+    """One batch of prompts being continued by one model: the prompts left-padded, the model's cache,
+    and how many tokens have gone into it. `advance` is one step: the prefill, then a decode step for
+    every token handed back (the one the model sampled, or another's: an ensemble's, ensemble.py)."""
+
+    def __init__(self, generator: Generator, params: dict, prompts: Sequence[Sequence[int]]):
+        B, T, budget = len(prompts), prefix_slots(generator.cfg), generator.max_len
+        if B != generator.batch:
+            raise ValueError(f"this generator was built for {generator.batch} prompts, got {B}")
         S = max(len(p) for p in prompts)
         if S == 0 or min(len(p) for p in prompts) == 0:
             raise ConfigError("--prompt", "every prompt needs at least one token")
-        new_tokens = min(self.sampling.max_new_tokens, budget - S)
-        if new_tokens < 1:
+        self.new_tokens = min(generator.sampling.max_new_tokens, budget - S)
+        if self.new_tokens < 1:
             raise ConfigError("--max-new-tokens", f"prompts of {S} tokens leave no room in {budget} positions")
 
         # Left padding: row b's prompt ends at column S - 1. `real_BC` marks the cache slots holding
         # real keys: the prefix, the row's own prompt tokens, and every slot generation will fill.
-        tokens_BS = np.zeros((B, S), np.int32)
+        self.tokens_BS = np.zeros((B, S), np.int32)
         real_BS = np.zeros((B, S), bool)
         for b, prompt in enumerate(prompts):
-            tokens_BS[b, S - len(prompt):] = prompt
+            self.tokens_BS[b, S - len(prompt):] = prompt
             real_BS[b, S - len(prompt):] = True
-        positions_BS = np.maximum(np.cumsum(real_BS, axis=1) - 1, 0).astype(np.int32)
-        real_BC = np.concatenate([np.ones((B, T), bool), real_BS, np.ones((B, budget - S), bool)], axis=1)
-        slots_C = np.arange(T + budget)
-        visible_BSC = real_BC[:, None, :] & (slots_C[None, None, :] <= T + np.arange(S)[None, :, None])
+        self.positions_BS = np.maximum(np.cumsum(real_BS, axis=1) - 1, 0).astype(np.int32)
+        self.real_BC = np.concatenate([np.ones((B, T), bool), real_BS, np.ones((B, budget - S), bool)], axis=1)
+        self.slots_C = np.arange(T + budget)
+        self.position_B = real_BS.sum(axis=1).astype(np.int32)  # the first generated token's position
+        self.generator, self.params, self.first_slot = generator, params, T + S
+        self.cache: KVCache | None = None
+        self.fed = 0  # tokens decoded after the prompt
+        self.prompt_log_probs: jax.Array | None = None  # `[B, S - 1]` with the generator's `score_prompt`
 
-        keys = jax.random.split(jax.random.key(self.sampling.seed), new_tokens)
-        token_B, logits_BV, cache = self._prefill(params, tokens_BS, positions_BS, visible_BSC, keys[0])
-        layers = self._layers_of(params) if new_tokens > 1 else None
-        position_B = real_BS.sum(axis=1).astype(np.int32)  # the first generated token's position
-        steps, logits = [], []
-        done_B = np.zeros(B, bool)
-        stops = set(stop_ids)
-        stop = np.asarray(list(stops) or [-1])
-        for step in range(new_tokens):
-            token = np.asarray(token_B)
-            steps.append(token)
-            if keep_logits:
-                logits.append(np.asarray(logits_BV))
-            if on_tokens is not None:
-                on_tokens(np.where(done_B, -1, token))
-            done_B |= np.isin(token, stop)
-            if done_B.all() or step == new_tokens - 1:
-                break
-            index = T + S + step  # the slot this step's token goes to (`cache.index` on the device)
-            visible_BC = real_BC & (slots_C[None, :] <= index)
-            token_B, logits_BV, cache = self._decode(params, layers, cache, token, position_B + step, visible_BC,
-                                                     keys[step + 1])
-        generated = np.stack(steps, axis=1)
-        results = []
-        for row in generated.tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            results.append(row[:cut])
-        return results, np.stack(logits) if keep_logits else None
+    def advance(self, token_B: np.ndarray | None, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the next tokens `[B]` as this model samples them, the logits they come from `[B, V]`): from
+        the prompts (the prefill) when `token_B` is None, else with `token_B` fed in."""
+        g = self.generator
+        if token_B is None:
+            S = self.tokens_BS.shape[1]
+            visible_BSC = self.real_BC[:, None, :] & (self.slots_C[None, None, :]
+                                                      <= self.first_slot - S + np.arange(S)[None, :, None])
+            token_B, logits_BV, self.cache, scores_BS = g._prefill(self.params, self.tokens_BS, self.positions_BS,
+                                                                  visible_BSC, key)
+            self.prompt_log_probs = scores_BS if g.score_prompt else None
+            return token_B, logits_BV
+        index = self.first_slot + self.fed  # the slot this token goes to (`cache.index` on the device)
+        visible_BC = self.real_BC & (self.slots_C[None, :] <= index)
+        token_B, logits_BV, self.cache = g._decode(self.params, g._layers_of(self.params), self.cache, token_B,
+                                                   self.position_B + self.fed, visible_BC, key)
+        self.fed += 1
+        return token_B, logits_BV
+
+
+Advance = Callable[[np.ndarray | None, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def decode_loop(advance: Advance, new_tokens: int, seed: int, stop_ids: Sequence[int] = (),
+                on_tokens: Callable[[np.ndarray], None] | None = None,
+                keep_logits: bool = False) -> tuple[list[list[int]], np.ndarray | None]:
+    """Up to `new_tokens` tokens per row from `advance` (a `Decoding`'s, or an ensemble's over
+    several), each step's tokens handed back to it, until every row has met a stop token; what
+    `Generator.run` returns. Step k samples with the k-th of `new_tokens` keys split from `seed`."""
+    keys = jax.random.split(jax.random.key(seed), new_tokens)
+    token_B, logits_BV = advance(None, keys[0])
+    steps, logits = [], []
+    stops = set(stop_ids)
+    stop = np.asarray(list(stops) or [-1])
+    for step in range(new_tokens):
+        token = np.asarray(token_B)
+        if step == 0:
+            done_B = np.zeros(len(token), bool)
+        steps.append(token)
+        if keep_logits:
+            logits.append(np.asarray(logits_BV))
+        if on_tokens is not None:
+            on_tokens(np.where(done_B, -1, token))
+        done_B |= np.isin(token, stop)
+        if done_B.all() or step == new_tokens - 1:
+            break
+        token_B, logits_BV = advance(token, keys[step + 1])
+    generated = np.stack(steps, axis=1)
+    results = []
+    for row in generated.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        results.append(row[:cut])
+    return results, np.stack(logits) if keep_logits else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,15 +234,13 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     return texts
 
 
-def generate_text(run: Run, texts: list[str], sampling: SamplingConfig, step: int | None,
-                  show: Callable[[str], None]) -> None:
-    """Continue every text with the run's model (its newest checkpoint, or `step`'s), handing the
-    output to `show` piece by piece: one prompt's continuation as it comes, several prompts' whole."""
-    run = run.settled(step, "generate")
-    config = run.config
-    tokenizer = load_tokenizer(config.data)
+def encode_prompts(tokenizer: Tokenizer, texts: list[str], sampling: SamplingConfig,
+                   limit: int) -> tuple[list[list[int]], int]:
+    """(the prompts' tokens, the positions a generator needs for them and their continuations), within
+    `limit` (model.max_position_embeddings): refused when a prompt leaves no room, said when the
+    continuations must be shorter than asked."""
     prompts = [tokenizer.encode(text).tolist() for text in texts]
-    longest, limit = max(map(len, prompts)), config.model.max_position_embeddings
+    longest = max(map(len, prompts))
     if longest >= limit:
         raise ConfigError("--prompt", f"a prompt of {longest} tokens leaves no room to generate within "
                           f"model.max_position_embeddings={limit}")
@@ -196,27 +248,49 @@ def generate_text(run: Run, texts: list[str], sampling: SamplingConfig, step: in
         print(f"--max-new-tokens {sampling.max_new_tokens}: after a prompt of {longest} tokens only "
               f"{limit - longest} fit within model.max_position_embeddings={limit}; generating at most those",
               file=sys.stderr, flush=True)
-    layout = Layout.create(config)
+    return prompts, min(limit, longest + sampling.max_new_tokens)
+
+
+Continue = Callable[[list[list[int]], Sequence[int], Callable[[np.ndarray], None] | None], list[list[int]]]
+
+
+def show_continuations(run_prompts: Continue, tokenizer: Tokenizer, texts: list[str], prompts: list[list[int]],
+                       show: Callable[[str], None]) -> None:
+    """Hand `show` each text and its continuation by `run_prompts` (prompts, stop ids, a per-step
+    callback -> generated tokens per prompt): one prompt's as it comes, several prompts' whole."""
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    if len(prompts) > 1:
+        outputs = run_prompts(prompts, stop_ids, None)
+        for text, output in zip(texts, outputs):
+            show(text + tokenizer.decode([t for t in output if t not in stop_ids]) + "\n" + "-" * 40 + "\n")
+        return
+    shown, tokens = "", []
+    show(texts[0])
+
+    def stream(step_tokens):  # the text so far, less what is already shown (bytes join into characters)
+        nonlocal shown
+        if step_tokens[0] >= 0 and step_tokens[0] not in stop_ids:
+            tokens.append(int(step_tokens[0]))
+            text = tokenizer.decode(tokens)
+            show(text[len(shown):])
+            shown = text
+
+    run_prompts(prompts, stop_ids, stream)
+    show("\n")
+
+
+def generate_text(run: Run, texts: list[str], sampling: SamplingConfig, step: int | None,
+                  show: Callable[[str], None]) -> None:
+    """Continue every text with the run's model (its newest checkpoint, or `step`'s), handing the
+    output to `show` piece by piece: one prompt's continuation as it comes, several prompts' whole."""
+    run = run.settled(step, "generate")
+    config = run.config
+    tokenizer = load_tokenizer(config.data)
+    prompts, max_len = encode_prompts(tokenizer, texts, sampling, config.model.max_position_embeddings)
+    layout = Layout.create(config)
     with jax.set_mesh(layout.mesh):
         params, _ = run.params(layout, step)
-        generator = Generator(model_graphdef(config.model), config.model, layout, len(prompts),
-                              min(limit, longest + sampling.max_new_tokens), sampling)
-        if len(prompts) > 1:
-            outputs, _ = generator.run(params, prompts, stop_ids)
-            for text, output in zip(texts, outputs):
-                show(text + tokenizer.decode([t for t in output if t not in stop_ids]) + "\n" + "-" * 40 + "\n")
-            return
-        shown, tokens = "", []
-        show(texts[0])
-
-        def stream(step_tokens):  # the text so far, less what is already shown (bytes join into characters)
-            nonlocal shown
-            if step_tokens[0] >= 0 and step_tokens[0] not in stop_ids:
-                tokens.append(int(step_tokens[0]))
-                text = tokenizer.decode(tokens)
-                show(text[len(shown):])
-                shown = text
-
-        generator.run(params, prompts, stop_ids, on_tokens=stream)
-        show("\n")
+        generator = Generator(model_graphdef(config.model), config.model, layout, len(prompts), max_len, sampling)
+        show_continuations(lambda prompts, stop_ids, on_tokens: generator.run(params, prompts, stop_ids,
+                                                                              on_tokens)[0],
+                           tokenizer, texts, prompts, show)

@@ -16,6 +16,7 @@ from parscale_jax.model.lm import (
     activation_axes,
     init_params,
     merge_params,
+    partition_trainable,
     mlp_stacks,
     model_graphdef,
     moe_layer,
@@ -28,7 +29,6 @@ from parscale_jax.model.lm import (
 from parscale_jax.model.params import DECAYED, ParScaleParam
 
 __all__ = ["ATTENTION_KERNELS", "DECAYED", "FFN_TYPES", "MOE_IMPLS", "REMAT_POLICIES", "Aux", "GrowthMasks", "KVCache",
-           "ParScaleLM",
-           "ParScaleParam", "abstract_params", "activation_axes", "apply_rope", "attention_mask", "init_params",
-           "merge_params", "mlp_stacks", "model_graphdef", "moe_layer", "param_info", "prefix_slots", "residual_outputs",
-           "rope_tables", "scan_layers", "split_params"]
+           "ParScaleLM", "ParScaleParam", "abstract_params", "activation_axes", "apply_rope", "attention_mask",
+           "init_params", "merge_params", "mlp_stacks", "model_graphdef", "moe_layer", "param_info",
+           "partition_trainable", "prefix_slots", "residual_outputs", "rope_tables", "scan_layers", "split_params"]

@@ -306,10 +306,7 @@ class ParScaleLM(nnx.Module):
                 masks: GrowthMasks | None = None):
         """(logits, aux, cache): the one forward path of training, prefill and decoding."""
         cfg = self.config
-        cos_BSH, sin_BSH = rope_tables(positions_BS, cfg.head_dim, cfg.rope_theta)
-        x_BSD = masked(self.embed_tokens(tokens_BS), None if masks is None else masks.hidden_D)
-        x_BSD = constrain(x_BSD, ("batch", "length", "act_embed"))  # shared by all streams
-        h_PBSD, aux, cache = self.streams(x_BSD, cos_BSH, sin_BSH, mask, cache, layers, masks)
+        h_PBSD, aux, cache = self.hidden_streams(tokens_BS, positions_BS, mask, cache, layers, masks)
         h_BSD, weights_BSP = self.aggregate(h_PBSD, masks)
         if cfg.parscale_n > 1:
             entropy_BS = jnp.sum(jax.scipy.special.entr(weights_BSP), axis=-1)  # a stream fading in has weight 0
@@ -317,14 +314,30 @@ class ParScaleLM(nnx.Module):
         logits_BSV = constrain(self.lm_logits(h_BSD), ("batch", "length", "act_vocab"))
         return logits_BSV, aux, cache
 
+    def hidden_streams(self, tokens_BS, positions_BS, mask, cache: KVCache | None = None, layers=None,
+                       masks: GrowthMasks | None = None, prefix_state=None):
+        """`streams` of the tokens' embeddings: every stream's final hidden states, before aggregation."""
+        cfg = self.config
+        cos_BSH, sin_BSH = rope_tables(positions_BS, cfg.head_dim, cfg.rope_theta)
+        x_BSD = masked(self.embed_tokens(tokens_BS), None if masks is None else masks.hidden_D)
+        x_BSD = constrain(x_BSD, ("batch", "length", "act_embed"))  # shared by all streams
+        return self.streams(x_BSD, cos_BSH, sin_BSH, mask, cache, layers, masks, prefix_state)
+
     def streams(self, x_BSD, cos_BSH, sin_BSH, mask, cache: KVCache | None = None, layers=None,
-                masks: GrowthMasks | None = None):
+                masks: GrowthMasks | None = None, prefix_state=None):
         """(final-normed hidden states of every stream `[P, B, S, D]`, aux averaged over layers (the
         routed ones), the updated cache or None). Every stream starts from the same embeddings; the
         layers see the streams as one more leading axis (their weights are shared, only the prefixes
-        differ). With `layers` (per-layer states) the cache holds per-layer tuples of arrays."""
+        differ). With `layers` (per-layer states) the cache holds per-layer tuples of arrays.
+        `prefix_state` replaces the model's prefixes (the stacked layers' `ParScaleParam` state) with
+        others of the same layout, e.g. several stream sets side by side on the stream axis: then P
+        is their number of streams."""
+        layers_def, own_prefixes, shared_state = nnx.split(self.layers, ParScaleParam, ...)
         P = self.config.parscale_n
-        layers_def, prefix_state, shared_state = nnx.split(self.layers, ParScaleParam, ...)
+        if prefix_state is None:
+            prefix_state = own_prefixes
+        else:
+            P = prefix_state["self_attn"]["prefix_k"].shape[1]
         mlps = self.split_mlps()
         if layers is not None:
             shared_state, prefix_state, mlp_states = layers
@@ -421,4 +434,12 @@ def split_params(params: dict, cfg: ModelConfig) -> tuple[dict, dict]:
 
 
 merge_params = merge_parts  # one parameter dict from disjoint parts, the inverse of `split_params`
+
+
+def partition_trainable(params: dict, cfg: ModelConfig, trainable: str) -> tuple[dict, dict]:
+    """(trained, frozen) parts of any tree shaped like the parameters: with `train.trainable=parscale`
+    only the prefixes and the aggregator train and the backbone is frozen; otherwise everything trains."""
+    if trainable == "parscale":
+        return split_params(params, cfg)
+    return params, {}
 

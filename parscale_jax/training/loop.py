@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from parscale_jax.checkpoint import Checkpointer
-from parscale_jax.config import Config, require_trainable, to_dict
+from parscale_jax.config import Config, to_dict
 from parscale_jax.data import pipeline
 from parscale_jax.evaluate import held_out_loss
 from parscale_jax.errors import ConfigError, NonFiniteError
@@ -48,10 +48,11 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
     """
     if stop_at is not None and stop_at < 1:
         raise ConfigError("--stop-at", f"must be a step >= 1, got {stop_at}")
-    require_trainable(config)
     run = Run(Path(run_dir), config)
     run.check_config(override_config)
     layout = Layout.create(config)  # checks the mesh against the devices before anything compiles
+    if jax.process_index() == 0:
+        print(f"run directory: {run.directory.absolute()}", flush=True)
     my_rows = layout.process_rows(config.train.batch_size)
     with jax.set_mesh(layout.mesh), StopRequests() as stop_requests:  # the mesh: for the model's constraints
         train_iter, held_out = pipeline.datasets(config, my_rows)

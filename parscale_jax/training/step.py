@@ -32,9 +32,10 @@ from parscale_jax.evaluate import (
 )
 from parscale_jax.growth import Ramp
 from parscale_jax.layout import Layout, with_shardings
-from parscale_jax.model import DECAYED, GrowthMasks, abstract_params, init_params, merge_params, model_graphdef, param_info
+from parscale_jax.model import (DECAYED, GrowthMasks, abstract_params, init_params, merge_params, model_graphdef,
+                                param_info, partition_trainable)
 from parscale_jax.model.config import ModelConfig
-from parscale_jax.runs import Run, partition_trainable
+from parscale_jax.runs import Run
 from parscale_jax.sharding import constrain
 from parscale_jax.transforms.grow import grow_state
 
@@ -185,7 +186,7 @@ class Trainer:
     @classmethod
     def of(cls, config: Config, model: ModelConfig | None = None) -> Trainer:
         model = model or config.model
-        decay_mask, _ = partition_trainable(weight_decay_mask(param_info(model)), config)
+        decay_mask, _ = partition_trainable(weight_decay_mask(param_info(model)), model, config.train.trainable)
         return cls(config, model, model_graphdef(model), make_optimizer(config.train, decay_mask))
 
     def create_state(self, params: dict) -> dict:
@@ -195,7 +196,7 @@ class Trainer:
 
     def abstract_state(self, layout: Layout) -> dict:
         """The train state's shapes and dtypes, with the shardings it has on `layout`."""
-        trained, _ = partition_trainable(abstract_params(self.model), self.config)
+        trained, _ = partition_trainable(abstract_params(self.model), self.model, self.config.train.trainable)
         abstract = jax.eval_shape(self.create_state, trained)
         return with_shardings(abstract, layout.for_model(self.model).state_shardings(abstract))
 

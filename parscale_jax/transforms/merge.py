@@ -23,6 +23,7 @@ from parscale_jax.config import load_config, to_dict
 from parscale_jax.errors import ConfigError
 from parscale_jax.layout import Layout
 from parscale_jax.runs import Run, Source, check_new, check_same_shapes, initial_weights, read_source
+from parscale_jax.transforms.upcycle import experts_from
 
 METHODS = ("average", "moe")
 
@@ -68,12 +69,7 @@ def _btx(sources: list[Source], weights: np.ndarray, overrides: list[str]) -> tu
     mlps = [s.params["layers"]["mlp"] for s in sources]
     others = averaged([{**s.params, "layers": {k: v for k, v in s.params["layers"].items() if k != "mlp"}}
                        for s in sources], weights)
-    rng = np.random.default_rng(config.train.seed)
-    dtype = np.asarray(mlps[0]["gate_proj"]["kernel"]).dtype
-    experts = {"router": {"kernel": (m.init_std * rng.standard_normal((m.num_layers, m.hidden_size, len(sources))))
-                          .astype(dtype)}}
-    for name in ("gate_proj", "up_proj", "down_proj"):  # [L, I, O] of each run -> [L, E, I, O]
-        experts[name] = np.stack([np.asarray(mlp[name]["kernel"]) for mlp in mlps], axis=1)
+    experts = experts_from(mlps, m, np.random.default_rng(config.train.seed))
     return config, {**others, "layers": {**others["layers"], "mlp": experts}}
 
 

@@ -33,19 +33,19 @@ def _same_apart_from_moe(new: ModelConfig, old: ModelConfig) -> bool:
     return dataclasses.replace(new, ffn=old.ffn, **plain) == old
 
 
-def experts_from(dense: dict, m: ModelConfig, rng: np.random.Generator, noise: float) -> dict[str, Any]:
-    """A MoE stack from a stack of l dense MLPs: each [l, I, O] kernel becomes E copies [l, E, I, O],
-    and a new router [l, D, E]."""
-    count = np.shape(dense["gate_proj"]["kernel"])[0]
-    router_lDE = m.init_std * rng.standard_normal((count, m.hidden_size, m.num_experts))
-    experts: dict[str, Any] = {"router": {"kernel": router_lDE.astype(dense["gate_proj"]["kernel"].dtype)}}
+def experts_from(mlps: list[dict], m: ModelConfig, rng: np.random.Generator, noise: float = 0.0) -> dict[str, Any]:
+    """A MoE stack whose expert j is `mlps[j]`, a stack of l dense MLPs: the [l, I, O] kernels become
+    [l, E, I, O], with a new router [l, D, E] (normal with init_std). `noise` > 0 perturbs the experts
+    by that fraction of their root-mean-square, so that copies of one MLP can part."""
+    count, dtype = np.shape(mlps[0]["gate_proj"]["kernel"])[0], np.asarray(mlps[0]["gate_proj"]["kernel"]).dtype
+    router_lDE = m.init_std * rng.standard_normal((count, m.hidden_size, len(mlps)))
+    experts: dict[str, Any] = {"router": {"kernel": router_lDE.astype(dtype)}}
     for name in ("gate_proj", "up_proj", "down_proj"):
-        weight_lIO = np.asarray(dense[name]["kernel"])
-        copies_lEIO = np.repeat(weight_lIO[:, None], m.num_experts, axis=1)
+        weights_lEIO = np.stack([np.asarray(mlp[name]["kernel"]) for mlp in mlps], axis=1)
         if noise:
-            rms = float(np.sqrt(np.mean(np.square(weight_lIO, dtype=np.float64))))
-            copies_lEIO = copies_lEIO + (noise * rms * rng.standard_normal(copies_lEIO.shape)).astype(copies_lEIO.dtype)
-        experts[name] = copies_lEIO
+            rms = float(np.sqrt(np.mean(np.square(weights_lEIO, dtype=np.float64))))
+            weights_lEIO = weights_lEIO + (noise * rms * rng.standard_normal(weights_lEIO.shape)).astype(dtype)
+        experts[name] = weights_lEIO
     return experts
 
 
@@ -80,12 +80,12 @@ def upcycle(source: str | Path, out: str | Path, overrides: list[str] | None = N
     layers = dict(params["layers"])
     dense = layers.pop("mlp")
     if m.moe_every == 1:
-        params = dict(params, layers=dict(layers, mlp=experts_from(dense, m, rng, noise)))
+        params = dict(params, layers=dict(layers, mlp=experts_from([dense] * m.num_experts, m, rng, noise)))
     else:  # only the routed layers' MLPs become experts; the others stay as they are
         stacks = {stack: jax.tree.map(lambda x, held=held: np.asarray(x)[held], dense)
                   for (stack,), (_, held) in mlp_stacks(m).items()}
         params = dict(params, layers=layers, dense_mlp=stacks["dense_mlp"],
-                      moe_mlp=experts_from(stacks["moe_mlp"], m, rng, noise))
+                      moe_mlp=experts_from([stacks["moe_mlp"]] * m.num_experts, m, rng, noise))
     layout = Layout.create(new)
     with jax.set_mesh(layout.mesh):
         initial = initial_weights(layout, params, m, np.dtype(m.param_dtype))

@@ -63,27 +63,9 @@ class Qwen2ParScaleConfig(PretrainedConfig):
         parscale_attn_smooth: float = 0.01,
         **kwargs: Any,
     ) -> None:
-        # Sliding-window attention is never enabled in ParScale checkpoints. Qwen2 configs still carry a
-        # `sliding_window` size next to `use_sliding_window: false`; dropping it keeps the transformers cache from
-        # building sliding-window layers for it.
-        if use_sliding_window:
-            raise ValueError("Qwen2ParScaleConfig does not support sliding-window attention (use_sliding_window=True).")
-        del sliding_window
-
-        # Only plain RoPE is implemented. The theta may sit in `rope_parameters` (transformers 5) or at top level
-        # (transformers 4 and the official ParScale configs); `rope_scaling: null` is the 4.x spelling of "none".
-        rope_parameters = dict(rope_parameters or rope_scaling or {})
-        rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"Qwen2ParScaleConfig supports only the default RoPE, got rope_type={rope_type!r}.")
-        theta = float(rope_parameters.get("rope_theta", rope_theta if rope_theta is not None else 10000.0))
-
-        if parscale_n < 1:
-            raise ValueError(f"parscale_n must be >= 1, got {parscale_n}.")
-        if parscale_n > 1 and parscale_n_tokens < 1:
-            raise ValueError(f"parscale_n_tokens must be >= 1 when parscale_n > 1, got {parscale_n_tokens}.")
-        if decoder_sparse_step < 1:
-            raise ValueError(f"decoder_sparse_step must be >= 1, got {decoder_sparse_step}.")
+        _check_shape(use_sliding_window, parscale_n, parscale_n_tokens, decoder_sparse_step)
+        del sliding_window  # never enabled in ParScale checkpoints (see _check_shape)
+        theta = _rope_theta(rope_parameters or rope_scaling or {}, rope_theta)
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -119,3 +101,26 @@ class Qwen2ParScaleConfig(PretrainedConfig):
         # Passed through the base class (not set above) because transformers 4.x's base __init__ would otherwise
         # overwrite it with its own default.
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+def _check_shape(use_sliding_window: bool, parscale_n: int, parscale_n_tokens: int, decoder_sparse_step: int) -> None:
+    # Sliding-window attention is never enabled in ParScale checkpoints. Qwen2 configs still carry a
+    # `sliding_window` size next to `use_sliding_window: false`; dropping it keeps the transformers cache from
+    # building sliding-window layers for it.
+    if use_sliding_window:
+        raise ValueError("Qwen2ParScaleConfig does not support sliding-window attention (use_sliding_window=True).")
+    if parscale_n < 1:
+        raise ValueError(f"parscale_n must be >= 1, got {parscale_n}.")
+    if parscale_n > 1 and parscale_n_tokens < 1:
+        raise ValueError(f"parscale_n_tokens must be >= 1 when parscale_n > 1, got {parscale_n_tokens}.")
+    if decoder_sparse_step < 1:
+        raise ValueError(f"decoder_sparse_step must be >= 1, got {decoder_sparse_step}.")
+
+
+def _rope_theta(rope_parameters: dict[str, Any], rope_theta: float | None) -> float:
+    # Only plain RoPE is implemented. The theta may sit in `rope_parameters` (transformers 5) or at top level
+    # (transformers 4 and the official ParScale configs); `rope_scaling: null` is the 4.x spelling of "none".
+    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"Qwen2ParScaleConfig supports only the default RoPE, got rope_type={rope_type!r}.")
+    return float(rope_parameters.get("rope_theta", rope_theta if rope_theta is not None else 10000.0))
