@@ -21,8 +21,9 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from parscale_jax.config import Config, config_file, load_config, read_yaml, require_trainable
+from parscale_jax.config import Config, config_file, load_config, read_yaml
 from parscale_jax.errors import RUN_ERRORS, USER_ERRORS, ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +52,11 @@ def option(*flags: str, **settings) -> Option:
 
 def run_dir(required: bool = True, help: str = "the run directory") -> Option:
     return option("--run-dir", required=required, help=help)
+
+
+def source(metavar: str = "RUN_OR_HF_DIR", help: str | None = None) -> Option:
+    """`--from`: the run (or Hugging Face directory) a transform starts from."""
+    return option("--from", dest="source", required=True, metavar=metavar, help=help)
 
 
 def out(help: str, default: str | None = None, required: bool = False) -> Option:
@@ -111,6 +117,19 @@ def write_json(path: Path, value: dict) -> Path:
     return path
 
 
+def finish_bench(name: str, result: dict, started: float, args: argparse.Namespace, report: Callable[[dict], str],
+                 plot: Callable[[Path], object] | None = None, **recorded: Any) -> int:
+    """Time a benchmark's `result`, write it to OUT/<name>.json with what it was `recorded` from,
+    print its report and draw its plot (OUT/<name>.png)."""
+    result.update(seconds=round(time.perf_counter() - started, 1), **recorded)
+    path = write_json(Path(args.out) / f"{name}.json", result)
+    print(f"== {name} ({result['seconds']} s; {path})")
+    print(report(result))
+    if plot is not None:
+        plot_or_say(lambda: plot(Path(args.out) / f"{name}.png"))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands
 
@@ -118,22 +137,16 @@ def write_json(path: Path, value: dict) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     import jax
 
-    from parscale_jax.layout import resolve_mesh
     from parscale_jax.runs import Run
     from parscale_jax.training.loop import train
 
     name = Path(args.config).stem if args.config else "default"
     directory = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     saved = directory / "config.yaml"  # an existing run resumes under its own config, unless told otherwise
-    # Validated here, before anything compiles.
     config = load_config(saved if args.config is None and saved.is_file() else args.config or "default", args.overrides)
-    require_trainable(config)
-    resolve_mesh(config, jax.device_count())  # and the mesh against the devices
     if jax.process_count() > 1 and not args.run_dir:
         raise ConfigError("--run-dir", "a multi-process run needs one --run-dir shared by every process")
     is_main = jax.process_index() == 0
-    if is_main:
-        print(f"run directory: {directory.absolute()}")
     started = time.perf_counter()
     last = train(config, directory, progress=not args.no_progress, stop_at=args.stop_at, fallback=args.fallback,
                  override_config=args.override_config)
@@ -150,10 +163,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def ensemble_options(what: str) -> tuple[Option | OneOf, ...]:
+    """`--run-dir` or `--ensemble`, and how an ensemble's runs are weighted (eval, generate)."""
+    return (
+        OneOf((run_dir(False), option("--ensemble", metavar="RUN1,RUN2,...",
+                                      help=f"{what} with several runs as one model: the mixture of their "
+                                           "probabilities (Branch-Train-Merge); they must share a tokenizer")),
+              required=True),
+        option("--weighting", help="an ensemble's weights: posterior (default: each run's posterior given the "
+                                   "document so far), uniform, or fixed:w1,w2,..."),
+        option("--prior-text", metavar="FILE", help="estimate the posterior weighting's prior on this text "
+                                                    "(default: uniform)"),
+        option("--weights-out", metavar="FILE", help="write an ensemble's weights at every position "
+                                                     "(.npy: [rows, positions, runs]; else JSON)"))
+
+
+def ensemble_paths(args: argparse.Namespace) -> list[str] | None:
+    """The runs of `--ensemble RUN1,RUN2,...` (None without it), refusing what only a single run takes."""
+    if args.ensemble is None:
+        for flag in ("weighting", "prior_text", "weights_out"):
+            if getattr(args, flag) is not None:
+                raise ConfigError("--" + flag.replace("_", "-"), "goes with --ensemble RUN1,RUN2,...")
+        return None
+    if args.step is not None:
+        raise ConfigError("--step", "an --ensemble reads every run at its newest checkpoint")
+    return [path.strip() for path in args.ensemble.split(",") if path.strip()]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from parscale_jax.evaluate import evaluate_run, text_rows
     from parscale_jax.runs import Run
 
+    paths = ensemble_paths(args)
+    if paths is not None:
+        from parscale_jax.inference.ensemble import evaluate_ensemble
+
+        result = {**evaluate_ensemble(paths, args.weighting or "posterior", args.text, args.batches, args.prior_text,
+                                      args.weights_out, args.overrides), "source": args.text or "held-out split"}
+        if args.out:
+            write_json(Path(args.out), result)
+        print(json.dumps(result))
+        return 0
     run = Run.open(args.run_dir, args.overrides)
     rows = text_rows(run, args.text) if args.text else None  # default: the held-out split
     result = {**evaluate_run(run, rows, args.batches, args.step), "source": args.text or "held-out split"}
@@ -167,14 +217,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from parscale_jax.inference.generate import generate_text, read_prompts
     from parscale_jax.runs import Run
 
-    run = Run.open(args.run_dir, args.overrides)
+    paths = ensemble_paths(args)
     texts = read_prompts(args.prompt, args.prompts)
     try:
         sampling = validate_sampling(SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                                     args.seed))
     except ConfigError as err:  # named by its flag
         raise ConfigError("--" + err.key.replace("_", "-"), str(err).removeprefix(f"{err.key}: ")) from None
-    generate_text(run, texts, sampling, args.step, lambda text: print(text, end="", flush=True))
+    show = lambda text: print(text, end="", flush=True)  # noqa: E731
+    if paths is not None:
+        from parscale_jax.inference.ensemble import generate_ensemble_text
+
+        generate_ensemble_text(paths, texts, sampling, show, args.weighting or "posterior", args.prior_text,
+                               args.weights_out, args.overrides)
+        return 0
+    generate_text(Run.open(args.run_dir, args.overrides), texts, sampling, args.step, show)
     return 0
 
 
@@ -222,6 +279,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_branch(args: argparse.Namespace) -> int:
+    from parscale_jax.transforms import branch
+
+    summary = branch.branch(args.source, args.out, args.domains, args.overrides, args.streams_only)
+    for expert in summary["experts"]:
+        print(f"{expert['name']}: {expert['run_dir']} ({'made' if expert['made_now'] else 'made already'}), "
+              f"reads {expert['data']}")
+    if not args.train:
+        print(f"train each with: parscale-jax train --run-dir {summary['out']}/<NAME>, or all of them here "
+              "with the same command and --train")
+        return 0
+    from parscale_jax.training.loop import train
+
+    results = branch.train_experts(args.out, lambda config, run_dir: train(config, run_dir,
+                                                                            progress=not args.no_progress))
+    finished = ", ".join(f"{r['expert']} {r['eval_loss']:.4f}" for r in results)
+    print(f"{len(results)} of {len(summary['experts'])} experts trained; eval loss on their own domains: "
+          f"{finished or '-'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from parscale_jax.runs import Run, export_hf
 
@@ -262,11 +340,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     results = bench_data.run(Path(args.work), args.small_mb, args.large_mb)
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    path = write_json(Path(args.out) / "data.json", results)
-    print(f"== data ({results['seconds']} s; {path})")
-    print(bench_data.format_report(results))
-    return 0
+    return finish_bench("data", results, started, args, bench_data.format_report)
 
 
 def cmd_bench_growth(args: argparse.Namespace) -> int:
@@ -274,12 +348,8 @@ def cmd_bench_growth(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result, curves = bench_growth.run(load(args), Path(args.work), progress=not args.no_progress)
-    result.update(seconds=round(time.perf_counter() - started, 1), config=args.config, overrides=args.overrides)
-    path = write_json(Path(args.out) / "growth.json", result)
-    print(f"== growth ({result['seconds']} s; {path})")
-    print(bench_growth.format_report(result))
-    plot_or_say(lambda: bench_growth.plot(curves, Path(args.out) / "growth.png"))
-    return 0
+    return finish_bench("growth", result, started, args, bench_growth.format_report,
+                        lambda path: bench_growth.plot(curves, path), config=args.config, overrides=args.overrides)
 
 
 def cmd_bench_recycle(args: argparse.Namespace) -> int:
@@ -289,13 +359,9 @@ def cmd_bench_recycle(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = bench_recycle.run(Path(args.hf), Path(args.work), args.overrides, base, args.streams, args.lr,
                                args.peft_lr, progress=not args.no_progress)
-    result.update(seconds=round(time.perf_counter() - started, 1), source=args.hf, config=args.config,
-                  overrides=args.overrides)
-    path = write_json(Path(args.out) / "recycle.json", result)
-    print(f"== recycle ({result['seconds']} s; {path})")
-    print(bench_recycle.format_report(result))
-    plot_or_say(lambda: bench_recycle.plot(result, Path(args.out) / "recycle.png"))
-    return 0
+    return finish_bench("recycle", result, started, args, bench_recycle.format_report,
+                        lambda path: bench_recycle.plot(result, path), source=args.hf, config=args.config,
+                        overrides=args.overrides)
 
 
 def cmd_bench_moe(args: argparse.Namespace) -> int:
@@ -306,12 +372,8 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
                                    tokens_per_step=args.tokens_per_step, upcycle_steps=args.upcycle_steps)
     started = time.perf_counter()
     result = bench_moe.run(load(args), Path(args.work), options, progress=not args.no_progress)
-    result.update(seconds=round(time.perf_counter() - started, 1), config=args.config, overrides=args.overrides)
-    path = write_json(Path(args.out) / "moe.json", result)
-    print(f"== moe ({result['seconds']} s; {path})")
-    print(bench_moe.format_report(result))
-    plot_or_say(lambda: bench_moe.plot(result, Path(args.out) / "moe.png"))
-    return 0
+    return finish_bench("moe", result, started, args, bench_moe.format_report,
+                        lambda path: bench_moe.plot(result, path), config=args.config, overrides=args.overrides)
 
 
 def cmd_fit_law(args: argparse.Namespace) -> int:
@@ -413,15 +475,16 @@ COMMANDS = (
                help="continue an existing run under settings that differ from the ones it started with"),
         overrides())),
     Command("eval", cmd_eval, "mean next-token loss of a run's latest checkpoint", joins_cluster=True, options=(
-        run_dir(),
-        option("--text", help="a text file to evaluate on instead of the held-out split"),
+        *ensemble_options("evaluate"),
+        option("--text", help="a text file to evaluate on instead of the held-out split (an ensemble's: "
+                              "the first run's)"),
         option("--batches", type=int, default=0, help="stop after this many batches (0: all)"),
         step(),
-        out("where to write the JSON result (default: RUN_DIR/eval_stepN.json)"),
+        out("where to write the JSON result (default: RUN_DIR/eval_stepN.json; an ensemble's: none)"),
         overrides())),
     Command("generate", cmd_generate, "continue prompts with a run's model (KV cache, sampling)",
             joins_cluster=True, options=(
-                run_dir(),
+                *ensemble_options("generate"),
                 OneOf((option("--prompt", help="one prompt; its continuation is printed as it is generated"),
                        option("--prompts", metavar="FILE",
                               help="a file of prompts, one per line, generated as a batch"))),
@@ -453,7 +516,7 @@ COMMANDS = (
             description="--drop M stacks layers 0..n-M-1 and M..n-1 (SOLAR); --insert K --identity adds K copies "
                         "of existing blocks, evenly interleaved, with zero output projections (the function is "
                         "unchanged). Prefixes follow the layers; the new run starts with a fresh optimizer.", options=(
-                option("--from", dest="source", required=True, metavar="RUN_OR_HF_DIR"),
+                source(),
                 out("the run directory to create", required=True),
                 OneOf((option("--drop", type=int, metavar="M", help="SOLAR: drop M layers from each copy"),
                        option("--insert", type=int, metavar="K", help="insert K identity blocks (with --identity)")),
@@ -464,7 +527,7 @@ COMMANDS = (
             description="Every expert starts as a copy of the dense MLP, the router is new, everything else is "
                         "copied. With model.moe_renormalize=true, model.moe_capacity_factor=0 and no --noise the "
                         "new model computes exactly what the dense one did.", options=(
-                option("--from", dest="source", required=True, metavar="RUN_OR_HF_DIR"),
+                source(),
                 out("the run directory to create", required=True),
                 option("--noise", type=float, default=0.0, metavar="R",
                        help="add Gaussian noise of R times each weight's RMS to every expert's copy (default 0)"),
@@ -481,6 +544,23 @@ COMMANDS = (
                 out("the run directory to create", required=True),
                 option("items", nargs="+", metavar="RUN_OR_SETTING",
                        help="the runs to merge, then any section.key=value settings of the new run"))),
+    # Not joins_cluster: --train trains the experts on this process's devices; on a cluster, train
+    # each with `train --run-dir OUT/NAME`.
+    Command("branch", cmd_branch, "one expert run per data domain, each starting as a seed run "
+            "(Branch-Train-Merge)",
+            description="Each expert OUT/NAME starts bit-identical to the seed and reads only its domain: a "
+                        "prepared dataset, a text folder or file, or 'shakespeare'. Running the same command "
+                        "again finishes what a killed one left; --train skips finished experts and resumes a "
+                        "cut-off one.", options=(
+                source("SEED_RUN", "the seed: a run (at its newest checkpoint) or a Hugging Face directory"),
+                out("the branch folder to create: one run per domain", required=True),
+                option("--domain", dest="domains", action="append", required=True, metavar="NAME=PATH",
+                       help="a domain and its data; repeat for each expert"),
+                option("--streams-only", action="store_true", help="train only the streams' prefixes and "
+                       "aggregator on the frozen backbone (train.trainable=parscale; needs model.parscale_n > 1)"),
+                option("--train", action="store_true", help="then train the experts here, one after another"),
+                NO_PROGRESS,
+                overrides("data/train settings of every expert (the model's shape is fixed)"))),
     Command("export", cmd_export, "write a run's model as a Hugging Face checkpoint", options=(
         run_dir(),
         out("the checkpoint directory to write", required=True),
