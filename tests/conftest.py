@@ -76,10 +76,10 @@ def step0_logits(run_dir, tokens):
         return np.asarray(model_logits(params, model_graphdef(run.config.model), batch)[0])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dense_runs(tmp_path_factory):
     """A dense run with P = 1 and one with P = 2, each trained 2 steps (the seeds of upcycling,
-    merging and branching)."""
+    merging and branching; read, never changed: one pair per test process)."""
     from parscale_jax.config import load_config
     from parscale_jax.training.loop import train
 

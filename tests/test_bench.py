@@ -112,3 +112,32 @@ def test_bench_moe_compares_with_the_dense_model_of_equal_active_parameters(tmp_
 
     records = train_or_finish(Run.open(tmp_path / "work" / "moe2").config, tmp_path / "work" / "moe2", progress=False)
     assert capsys.readouterr().out.strip() == "moe2: finished already" and records[-1]["step"] == 2
+
+
+def test_bench_btm_measures_every_method_against_the_dense_model_of_equal_compute(tmp_path, capsys):
+    """Every method end to end on a tiny model and tiny domains: finite losses on each text, the
+    dense run's FLOPs those of the seed and the experts by construction, the ensemble holding both
+    experts; run again, nothing is trained or measured twice."""
+    args = ["bench", "btm", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--no-progress",
+            "--seed-steps", "2", "--expert-steps", "2", "--btx-steps", "1", "--stdlib-mb", "0.02",
+            "--shakespeare-mb", "0.02", "--heldout-kb", "0.5", "--timing-repeats", "1", *BASE, "model.num_layers=1"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "out" / "btm.json").read_text())
+    methods = result["methods"]
+    assert set(methods) == {"dense", "ensemble", "ensemble-uniform", "average", "btx", "stream-btm",
+                            "stream-btm-uniform", "seed"}
+    assert all(math.isfinite(r["loss"][text]) for r in methods.values() for text in ("shakespeare", "stdlib", "mixed"))
+    flops = methods["dense"]["train_flops_parts"]
+    assert set(flops) == {"seed", "dense/mixture"}
+    assert methods["dense"]["train_flops"] == pytest.approx(methods["ensemble"]["train_flops"], rel=1e-12)
+    assert flops["dense/mixture"] == pytest.approx(2 * flops["seed"])  # 2 x 2 steps against 2 of the seed
+    assert methods["btx"]["train_flops"] > methods["ensemble"]["train_flops"]
+    assert set(methods["stream-btm"]["train_flops_parts"]) == {"seed-p2", "stream-experts/shakespeare",
+                                                               "stream-experts/stdlib"}
+    assert methods["ensemble"]["inference_param_bytes"] == 2 * methods["dense"]["inference_param_bytes"]
+    assert methods["average"]["inference_param_bytes"] == methods["dense"]["inference_param_bytes"]
+    assert set(methods["ensemble"]["experts"]) == {"shakespeare", "stdlib"}
+    assert "stream-btm" in capsys.readouterr().out and result["commands"]
+    assert main(args) == 0  # again: every run finished and every method measured already
+    out = capsys.readouterr().out
+    assert "training" not in out and out.count("measured already") == len(methods)
