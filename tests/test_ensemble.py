@@ -27,6 +27,7 @@ from parscale_jax.inference.ensemble import (Weighting, ensemble_sums, evaluate_
 from parscale_jax.inference.generate import Generator
 from parscale_jax.runs import Run
 from parscale_jax.training.loop import train
+from parscale_jax.transforms.branch import BUILT_IN, branch, train_experts
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CODE_FILES = ("textwrap.py", "string.py", "bisect.py", "heapq.py", "functools.py", "fnmatch.py", "glob.py",
@@ -45,11 +46,16 @@ def domains(tmp_path_factory) -> dict[str, Path]:
         shutil.copy(STDLIB / name, source / f"{name}.txt")
     (root / "code.txt").write_text((STDLIB / "calendar.py").read_text()[:3000])
     (root / "play.txt").write_text(shakespeare_files()[-1].read_text()[5000:8000])
-    for name, extra in (("shake", []), ("python", ["data.corpus=files", f"data.paths=[{source}]"])):
-        train(load_config(overrides=[*TINY, "train.steps=60", "train.log_every=100", *extra]), root / name,
-              progress=False)
-    return {"shake": root / "shake", "python": root / "python", "code.txt": root / "code.txt",
-            "play.txt": root / "play.txt", "root": root}
+    (root / "mixed.txt").write_text("\n\n".join(text[i:i + 400] for i in range(0, 2000, 400)
+                                                for text in ((root / "code.txt").read_text(),
+                                                             (root / "play.txt").read_text())))
+    # Branch-Train-Merge: a seed (a few steps on Shakespeare), then one expert per domain from it.
+    train(load_config(overrides=[*TINY, "train.steps=10", "train.log_every=100"]), root / "seed", progress=False)
+    branch(root / "seed", root / "btm", [f"shake={BUILT_IN}", f"python={source}"], ["train.steps=60"])
+    train_experts(root / "btm", lambda config, run_dir: train(config, run_dir, progress=False))
+    return {"shake": root / "btm" / "shake", "python": root / "btm" / "python", "seed": root / "seed",
+            "code.txt": root / "code.txt", "play.txt": root / "play.txt", "mixed.txt": root / "mixed.txt",
+            "root": root}
 
 
 @pytest.mark.parametrize("weighting", ["posterior", "uniform", "fixed:2"])
@@ -134,6 +140,25 @@ def test_the_posterior_moves_to_the_domain_expert(domains, text, expert, tmp_pat
     assert prior[expert] > 0.6
 
 
+def test_experts_branched_from_a_seed_specialize_and_their_ensemble_beats_each(domains):
+    """Each expert beats the seed on its own domain and loses to the other expert on the other's; on
+    a text that alternates the two, the posterior ensemble is below every expert alone."""
+    paths = {"shake": str(domains["shake"]), "python": str(domains["python"])}
+    own = {"shake": "play.txt", "python": "code.txt"}
+    loss = {}
+    for name, path in {**paths, "seed": str(domains["seed"])}.items():
+        run = Run.open(path)
+        for text in ("play.txt", "code.txt"):
+            loss[name, text] = evaluate_run(run, text_rows(run, str(domains[text])))["loss"]
+    print({f"{name} on {text}": round(value, 4) for (name, text), value in loss.items()})
+    for name, text in own.items():
+        other = "python" if name == "shake" else "shake"
+        assert loss[name, text] < loss["seed", text] and loss[name, text] < loss[other, text], (name, loss)
+    mixed = evaluate_ensemble(list(paths.values()), "posterior", str(domains["mixed.txt"]))
+    print("mixed text: ensemble", round(mixed["loss"], 4), "experts", [round(e["loss"], 4) for e in mixed["experts"]])
+    assert mixed["loss"] < min(e["loss"] for e in mixed["experts"])
+
+
 def test_generate_with_an_ensemble(domains, capsys, tmp_path):
     shake = str(domains["shake"])
     prompt = ["--prompt", "ROMEO:", "--max-new-tokens", "16"]
@@ -145,7 +170,7 @@ def test_generate_with_an_ensemble(domains, capsys, tmp_path):
     assert main(["generate", "--ensemble", f"{shake},{domains['python']}", *prompt, "--weights-out",
                  str(weights)]) == 0
     both = capsys.readouterr().out
-    assert both.startswith("ROMEO:") and len(both.rstrip("\n")) > len("ROMEO:")
+    assert both.startswith("ROMEO:") and len(both) >= len("ROMEO:") + 16  # byte tokens: 16 more characters
     drawn = np.asarray(json.loads(weights.read_text())["weights"])
     assert drawn.shape[0] == 1 and drawn.shape[2] == 2 and np.allclose(drawn.sum(axis=-1), 1, atol=1e-5)
     assert drawn[0, 0, 0] > 0.5  # the prompt's evidence already counts: "ROMEO:" is Shakespeare's
