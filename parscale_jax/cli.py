@@ -195,6 +195,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from parscale_jax.runs import Run
 
     paths = ensemble_paths(args)
+    if args.tasks is not None:
+        return eval_tasks(args, paths)
+    for flag in ("num_fewshot", "limit", "include_path"):
+        if getattr(args, flag) is not None:
+            raise ConfigError("--" + flag.replace("_", "-"), "goes with --tasks NAME[,NAME...]")
     if paths is not None:
         from parscale_jax.inference.ensemble import evaluate_ensemble
 
@@ -209,6 +214,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {**evaluate_run(run, rows, args.batches, args.step), "source": args.text or "held-out split"}
     write_json(Path(args.out) if args.out else run.directory / f"eval_step{result['step']}.json", result)
     print(json.dumps(result))
+    return 0
+
+
+def eval_tasks(args: argparse.Namespace, ensemble: list[str] | None) -> int:
+    """`eval --tasks`: the lm-evaluation-harness's tasks (docs/evaluation.md)."""
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    if not names:
+        raise ConfigError("--tasks", "name at least one task, e.g. --tasks shakespeare_mc,facts_qa")
+    if ensemble is not None:
+        raise ConfigError("--tasks", "takes one --run-dir (an --ensemble is not a harness model yet)")
+    if args.text is not None or args.batches:
+        raise ConfigError("--text" if args.text is not None else "--batches", "does not go with --tasks")
+    if args.limit is not None and not args.limit > 0:
+        raise ConfigError("--limit", f"must be > 0, got {args.limit}")
+    if not args.debug:  # the harness's notes on every task it builds; its warnings stay
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    from parscale_jax.inference import harness  # one line if the optional extra is missing
+    from parscale_jax.runs import Run
+
+    run = Run.open(args.run_dir, args.overrides)
+    limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+    result = harness.evaluate_run_tasks(run, names, args.num_fewshot, limit, args.include_path or (),
+                                        args.batch_size, args.step)
+    result = {"run_dir": str(run.directory), **result}
+    path = write_json(Path(args.out) if args.out else run.directory / f"eval_tasks_step{result['step']}.json", result)
+    print(harness.table([harness.TaskScore(**score) for score in result["scores"]]))
+    print(f"written to {path}")
     return 0
 
 
@@ -376,6 +408,20 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
                         lambda path: bench_moe.plot(result, path), config=args.config, overrides=args.overrides)
 
 
+def cmd_bench_btm(args: argparse.Namespace) -> int:
+    from parscale_jax.analysis import bench_btm
+
+    options = bench_btm.BTMOptions(seed_steps=args.seed_steps, expert_steps=args.expert_steps,
+                                   btx_steps=args.btx_steps, streams=args.btm_streams, stdlib_mb=args.stdlib_mb,
+                                   shakespeare_mb=args.shakespeare_mb, heldout_kb=args.heldout_kb,
+                                   timing_repeats=args.timing_repeats)
+    started = time.perf_counter()
+    result = bench_btm.run(load(args), Path(args.work), options, progress=not args.no_progress,
+                           config_name=args.config)
+    return finish_bench("btm", result, started, args, bench_btm.format_report,
+                        lambda path: bench_btm.plot(result, path), config=args.config, overrides=args.overrides)
+
+
 def cmd_fit_law(args: argparse.Namespace) -> int:
     from parscale_jax.analysis import scaling_law
 
@@ -474,13 +520,24 @@ COMMANDS = (
         option("--override-config", action="store_true",
                help="continue an existing run under settings that differ from the ones it started with"),
         overrides())),
-    Command("eval", cmd_eval, "mean next-token loss of a run's latest checkpoint", joins_cluster=True, options=(
+    Command("eval", cmd_eval, "mean next-token loss of a run's latest checkpoint, or its scores on "
+            "downstream tasks (--tasks)", joins_cluster=True, options=(
         *ensemble_options("evaluate"),
         option("--text", help="a text file to evaluate on instead of the held-out split (an ensemble's: "
                               "the first run's)"),
         option("--batches", type=int, default=0, help="stop after this many batches (0: all)"),
+        option("--tasks", metavar="NAME[,NAME...]",
+               help="downstream tasks of the lm-evaluation-harness instead of the loss (the extra "
+                    "parscale-jax[eval]): its task names, shakespeare_mc, facts_qa, facts_gen (shipped here), "
+                    "or those of --include-path (docs/evaluation.md)"),
+        option("--num-fewshot", type=int, help="with --tasks: examples in each prompt (default: each task's)"),
+        option("--limit", type=float, help="with --tasks: at most this many examples per task (< 1: a fraction)"),
+        option("--include-path", action="append", metavar="DIR",
+               help="with --tasks: a folder of task YAML files of your own (repeatable)"),
+        option("--batch-size", type=int, default=16, help="with --tasks: rows per model call (default: 16)"),
         step(),
-        out("where to write the JSON result (default: RUN_DIR/eval_stepN.json; an ensemble's: none)"),
+        out("where to write the JSON result (default: RUN_DIR/eval_stepN.json, with --tasks "
+            "RUN_DIR/eval_tasks_stepN.json; an ensemble's: none)"),
         overrides())),
     Command("generate", cmd_generate, "continue prompts with a run's model (KV cache, sampling)",
             joins_cluster=True, options=(
@@ -627,7 +684,30 @@ COMMANDS = (
                             option("--work", default="bench/moe-work", help="where the runs go (resumed if there)"),
                             out("where moe.json and moe.png go", default="bench/results"),
                             NO_PROGRESS,
-                            overrides("e.g. train.steps=300"))))),
+                            overrides("e.g. train.steps=300"))),
+                Command("btm", cmd_bench_btm, "Branch-Train-Merge (ensemble, average, BTX, stream-level) "
+                        "against one dense model trained on the mixture with the same training compute: held-out "
+                        "loss per domain (Shakespeare, the Python standard library) and on a mixed text, training "
+                        "FLOPs, inference memory and tokens/s", options=(
+                            config("default", "the seed's model and training (the steps are the options')"),
+                            option("--seed-steps", type=int, default=100, help="steps of each seed on the mixture"),
+                            option("--expert-steps", type=int, default=150,
+                                   help="steps of each expert on its domain (the dense run: this x the domains)"),
+                            option("--btx-steps", type=int, default=30, help="steps of the BTX model on the mixture"),
+                            option("--streams", dest="btm_streams", type=int, default=2,
+                                   help="P of the stream-level BTM seed"),
+                            option("--stdlib-mb", type=float, default=0.0,
+                                   help="MB of standard-library source to train on (0: as much as Shakespeare)"),
+                            option("--shakespeare-mb", type=float, default=0.0,
+                                   help="MB of Shakespeare's training plays to use (0: all)"),
+                            option("--heldout-kb", type=float, default=32.0,
+                                   help="KB of each domain's held-out text (the mixed text takes as much of each)"),
+                            option("--timing-repeats", type=int, default=3,
+                                   help="tokens/s: the fastest of this many evaluations of the mixed text"),
+                            option("--work", default="bench/btm-work", help="where the runs go (resumed if there)"),
+                            out("where btm.json and btm.png go", default="bench/results"),
+                            NO_PROGRESS,
+                            overrides("e.g. train.batch_size=8"))))),
     Command("fit-law", cmd_fit_law, "fit the parallel scaling law L = (A / (N (k ln P + 1)))^alpha + E to measured "
             "losses", description="RESULTS is a CSV with columns non_embedding_params (or N), P and final_loss (or "
             "eval_loss, loss). The fit is the paper's: Huber loss on log losses, L-BFGS-B from a grid of starts.",

