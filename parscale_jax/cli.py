@@ -222,8 +222,8 @@ def eval_tasks(args: argparse.Namespace, ensemble: list[str] | None) -> int:
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     if not names:
         raise ConfigError("--tasks", "name at least one task, e.g. --tasks shakespeare_mc,facts_qa")
-    if ensemble is not None:
-        raise ConfigError("--tasks", "takes one --run-dir (an --ensemble is not a harness model yet)")
+    if ensemble is not None and args.weights_out is not None:
+        raise ConfigError("--weights-out", "does not go with --tasks")
     if args.text is not None or args.batches:
         raise ConfigError("--text" if args.text is not None else "--batches", "does not go with --tasks")
     if args.limit is not None and not args.limit > 0:
@@ -233,8 +233,16 @@ def eval_tasks(args: argparse.Namespace, ensemble: list[str] | None) -> int:
     from parscale_jax.inference import harness  # one line if the optional extra is missing
     from parscale_jax.runs import Run
 
-    run = Run.open(args.run_dir, args.overrides)
     limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+    if ensemble is not None:  # written only to --out
+        result = harness.evaluate_ensemble_tasks(ensemble, names, args.num_fewshot, limit, args.include_path or (),
+                                                 args.batch_size, args.weighting or "posterior", args.overrides,
+                                                 args.prior_text)
+        print(harness.table([harness.TaskScore(**score) for score in result["scores"]]))
+        if args.out:
+            print(f"written to {write_json(Path(args.out), result)}")
+        return 0
+    run = Run.open(args.run_dir, args.overrides)
     result = harness.evaluate_run_tasks(run, names, args.num_fewshot, limit, args.include_path or (),
                                         args.batch_size, args.step)
     result = {"run_dir": str(run.directory), **result}

@@ -96,6 +96,11 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation
     eval_batches: int = 8  # batches of held-out data per evaluation; 0: the whole split
+    # Downstream tasks of the lm-evaluation-harness (the `eval` extra) during training: their names,
+    # every how many steps (0: at the last step only), at most how many examples each (0: all; < 1: a fraction).
+    eval_tasks: tuple[str, ...] = ()
+    eval_tasks_every: int = 0
+    eval_tasks_limit: float = 0.0
     trainable: str = "all"  # "parscale": train only prefixes and aggregator on a frozen backbone (PEFT)
     on_nonfinite: str = "skip"  # NaN/Inf loss or gradients: skip that update, or stop with the last good state saved
     growth: tuple[GrowthStage, ...] = ()  # masked structural growth during the run (growth.py)
@@ -518,7 +523,8 @@ def validate(config: Config) -> Config:
              f"must lie in [0, 1], got {t.decay_fraction}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio",
              f"must lie in [0, 1], got {t.min_lr_ratio}")
-    for name in ("weight_decay", "grad_clip", "z_loss", "moe_aux_loss", "router_z_loss", "eval_every", "eval_batches"):
+    for name in ("weight_decay", "grad_clip", "z_loss", "moe_aux_loss", "router_z_loss", "eval_every", "eval_batches",
+                 "eval_tasks_every", "eval_tasks_limit"):
         _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     _require_one_of(t.trainable, TRAINABLE, "train.trainable")
     _require_one_of(t.on_nonfinite, ON_NONFINITE, "train.on_nonfinite")

@@ -45,7 +45,7 @@ from parscale_jax.model.config import ModelConfig
 from parscale_jax.recycle import new_stream_set
 
 # Where the run is laid out, saved and reported: a resumed run computes the same either way.
-FREE_TO_CHANGE = ("mesh.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches")
+FREE_TO_CHANGE = ("mesh.", "checkpoint.", "train.log_every", "train.eval_every", "train.eval_batches", "train.eval_tasks")
 
 
 def check_new(directory: Path) -> None:

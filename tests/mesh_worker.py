@@ -4,7 +4,9 @@
 
 writes OUT_DIR/results.json (losses, grad norms and shardings per mesh; a resumed run's and a
 growing run's losses), OUT_DIR/<mesh>.npz
-(the first step's gradients; splash-2x2x2.npz with the splash attention kernels) and OUT_DIR/generation.npz (greedy generation on the (1, 2, 4) mesh).
+(the first step's gradients; splash-2x2x2.npz with the splash attention kernels), OUT_DIR/generation.npz
+(greedy generation on the (1, 2, 4) mesh) and, in results.json's "tasks", shakespeare_mc scored through the
+lm-evaluation-harness adapter on the (2, 2, 2) mesh.
 The helpers are imported by the test too, to compute the single-device reference the same way.
 """
 
@@ -122,6 +124,29 @@ def generation(config) -> dict[str, np.ndarray]:
     return {"tokens": np.asarray(tokens), "logits": logits}
 
 
+TASK_LIMIT = 10  # shakespeare_mc's first questions, 4 choices each
+
+
+def task_scores(run_dir: Path, *overrides: str) -> dict:
+    """shakespeare_mc's first TASK_LIMIT questions through the lm-evaluation-harness adapter: every
+    request's (log-likelihood, greedy) in the harness's order, and the accuracies, of the run's newest
+    checkpoint on the mesh of its config (under `overrides`)."""
+    from parscale_jax.inference.harness import HarnessModel, RunScorer, evaluate_tasks
+    from parscale_jax.runs import Run
+
+    answers = []
+
+    class Recording(HarnessModel):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            answers.extend(super()._loglikelihood_tokens(requests, disable_tqdm, **kwargs))
+            return answers[-len(requests):]
+
+    model = Recording(scorer=RunScorer(Run.open(run_dir, list(overrides))), batch_size=16)
+    scores = evaluate_tasks(model, ["shakespeare_mc"], limit=TASK_LIMIT)["results"]["shakespeare_mc"]
+    return {"log_likelihoods": [a[0] for a in answers], "greedy": [a[1] for a in answers],
+            "acc": scores["acc,none"], "acc_norm": scores["acc_norm,none"]}
+
+
 def main(out_dir: Path) -> None:
     from parscale_jax.checkpoint import Checkpointer
     from parscale_jax.layout import Layout
@@ -152,6 +177,8 @@ def main(out_dir: Path) -> None:
     # The Pallas splash kernels (interpreted here) under shard_map, streams split by the vmap.
     np.savez(out_dir / "splash-2x2x2.npz",
              **first_gradients(tiny_config(*mesh_overrides((2, 2, 2), True), "model.attention=splash")))
+    # The lm-evaluation-harness adapter on the (2, 2, 2) FSDP run's checkpoint, on its mesh.
+    results["tasks"] = task_scores(out_dir / "2x2x2-fsdp")
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     np.savez(out_dir / "generation.npz", **generation(tiny_config(*mesh_overrides((1, 2, 4), False))))
 

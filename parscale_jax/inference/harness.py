@@ -17,7 +17,8 @@ of request from a `Scorer`:
 
 A scorer gives the summed log-probability of each row's scored tokens, from
 `evaluate.model_logits` and `evaluate.target_log_probs`: `RunScorer` is one run (any P, grown,
-up-scaled, Mixture-of-Experts) at a checkpoint, on its own mesh; an ensemble can be another. Rows
+up-scaled, Mixture-of-Experts) at a checkpoint, on its own mesh; `EnsembleScorer` is several runs
+as one model (inference/ensemble.py: `eval --ensemble RUN1,RUN2 --tasks ...`). Rows
 are sorted by length, longest first, cut into batches of `batch_size` rows (the last filled with
 empty rows) and right-padded to a few lengths (powers of 2), so a task compiles a handful of
 programs. Rows are what the model trains on: positions from 0, segment 1 for the tokens, 0 for the
@@ -57,10 +58,13 @@ except ImportError:
 from parscale_jax.config import SamplingConfig
 from parscale_jax.data.packing import Rows
 from parscale_jax.data.tokenizer import Tokenizer, load_tokenizer
-from parscale_jax.evaluate import model_logits, target_log_probs
-from parscale_jax.inference.generate import Generator
+from parscale_jax.evaluate import model_logits, target_log_probs, text_rows
+from parscale_jax.inference.ensemble import (EnsembleDecoding, Expert, ensemble_log_probs, estimate_prior,
+                                             load_experts, mixture_log_probs, open_runs, parse_weighting)
+from parscale_jax.inference.generate import Advance, Generator
 from parscale_jax.layout import Layout
 from parscale_jax.model import model_graphdef
+from parscale_jax.model.config import ModelConfig
 from parscale_jax.runs import Run
 from parscale_jax.tasks import TASKS_DIR
 
@@ -93,7 +97,7 @@ def scoring_rows(sequences: Sequence[tuple[list[int], int]], length: int, batch:
 
 
 class Scorer(Protocol):
-    """What `HarnessModel` needs of a model: `RunScorer` is one run; an ensemble can be another."""
+    """What `HarnessModel` needs of a model: `RunScorer` is one run, `EnsembleScorer` several."""
 
     tokenizer: Tokenizer
     max_length: int  # positions a row may take
@@ -114,18 +118,42 @@ class Scorer(Protocol):
         `done(row, tokens so far)` holds for every row."""
 
 
+def greedy_until(advance: Advance, new_tokens: int, done: Callable[[int, list[int]], bool]) -> list[list[int]]:
+    """Each row's greedy tokens from `advance` (a `generate.Decoding`'s or an ensemble's), up to
+    `new_tokens`, until `done(row, tokens so far)` holds for every row (checked on the host each step)."""
+    token_B, _ = advance(None, jax.random.key(0))  # greedy: the key is not used
+    out: list[list[int]] = [[] for _ in range(len(np.asarray(token_B)))]
+    finished = [False] * len(out)
+    for step in range(new_tokens):
+        for b, token in enumerate(np.asarray(token_B).tolist()):
+            if not finished[b]:
+                out[b].append(token)
+                finished[b] = done(b, out[b])
+        if all(finished) or step == new_tokens - 1:
+            break
+        token_B, _ = advance(np.asarray(token_B), jax.random.key(0))
+    return out
+
+
 class RunScorer:
     """One run at a checkpoint on its mesh: summed log-probabilities of rows, and greedy generation."""
 
-    def __init__(self, run: Run, step: int | None = None):
-        run = run.settled(step, "eval")
-        self.run, self.config = run, run.config
+    def __init__(self, run: Run, step: int | None = None, weights: tuple[dict, Layout, ModelConfig] | None = None):
+        """`weights`: (parameters, the layout they are on, their model) in memory instead of a
+        checkpoint's, e.g. a training run's at `step` (whose model may have grown: training/loop.py)."""
+        if weights is None:
+            run = run.settled(step, "eval")
+            self.layout = Layout.create(run.config)
+            with jax.set_mesh(self.layout.mesh):
+                self.params, self.step = run.params(self.layout, step)
+            model = run.config.model
+        else:
+            self.params, self.layout, model = weights
+            self.step = step
+        self.run, self.config = run, dataclasses.replace(run.config, model=model)
         self.tokenizer: Tokenizer = load_tokenizer(run.config.data)
-        self.layout = Layout.create(run.config)
-        with jax.set_mesh(self.layout.mesh):
-            self.params, self.step = run.params(self.layout, step)
-        self.graphdef = model_graphdef(run.config.model)
-        self.max_length = run.config.model.max_position_embeddings
+        self.graphdef = model_graphdef(model)
+        self.max_length = model.max_position_embeddings
         shardings = jax.tree.map(lambda x: x.sharding, self.params)
 
         def score(params, batch):
@@ -165,18 +193,128 @@ class RunScorer:
                 self._generators[key] = Generator(self.graphdef, self.config.model, self.layout, B, max_len,
                                                   SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0))
             decoding = self._generators[key].start(self.params, prompts, pad_to)
-            out: list[list[int]] = [[] for _ in prompts]
-            finished = [False] * B
-            token_B, _ = decoding.advance(None, jax.random.key(0))  # greedy: the key is not used
-            for step in range(decoding.new_tokens):
-                for b, token in enumerate(np.asarray(token_B).tolist()):
-                    if not finished[b]:
-                        out[b].append(token)
-                        finished[b] = done(b, out[b])
-                if all(finished) or step == decoding.new_tokens - 1:
-                    break
-                token_B, _ = decoding.advance(np.asarray(token_B), jax.random.key(0))
-        return out
+            return greedy_until(decoding.advance, decoding.new_tokens, done)
+
+
+# ---------------------------------------------------------------------------------------------
+# An ensemble of runs (ensemble.py) as a scorer
+
+
+def scored_positions(loss_mask_BS: jax.Array, K: int) -> jax.Array:
+    """The positions `[B, K]` of each row's scored targets, in order, first K (after them: unscored ones)."""
+    return jnp.argsort(loss_mask_BS <= 0, axis=-1, stable=True)[:, :K]
+
+
+@functools.partial(jax.jit, static_argnames="posterior")
+def mixture_scores(log_probs_JBS: jax.Array, log_p_JBKV: jax.Array, batch: dict[str, jax.Array],
+                   log_base_J: jax.Array, posterior: bool) -> tuple[jax.Array, jax.Array]:
+    """(summed mixture log p of each row's scored targets `[B]`, whether each of them is the argmax of the
+    mixture over the vocabulary `[B]`) from each expert's log p(target) `[J, B, S]` and its log-probabilities
+    over the vocabulary at the scored positions `[J, B, K, V]` (`scored_positions`). The posterior weights
+    count every earlier token of the row as evidence, the context's too (not only the scored ones, which is
+    what `loss_mask` marks): a row is one document."""
+    evidence = {**batch, "loss_mask": (batch["segment_ids"] > 0).astype(jnp.int32)}
+    log_p_BS, log_w_JBS = ensemble_log_probs(log_probs_JBS, evidence, log_base_J, posterior)
+    scored_BS = batch["loss_mask"] > 0
+    K = log_p_JBKV.shape[2]
+    at_BK = scored_positions(batch["loss_mask"], K)
+    counted_BK = jnp.arange(K)[None, :] < jnp.sum(scored_BS, axis=-1, keepdims=True)
+    mixture_BKV = mixture_log_probs(jnp.take_along_axis(log_w_JBS, at_BK[None], axis=-1)[..., None], log_p_JBKV)
+    greedy_BK = jnp.argmax(mixture_BKV, axis=-1) == jnp.take_along_axis(batch["targets"], at_BK, axis=-1)
+    return jnp.sum(jnp.where(scored_BS, log_p_BS, 0.0), axis=-1), jnp.all(greedy_BK | ~counted_BK, axis=-1)
+
+
+class EnsembleScorer:
+    """Several runs as one model (`--ensemble RUN1,RUN2 --weighting ...`, inference/ensemble.py): the
+    mixture of their next-token probabilities, each run at its newest checkpoint on its own mesh.
+
+    `score`: each expert's log p(target) and, at the scored positions only, its log-probabilities over
+    the vocabulary (one pass of each model, `evaluate.model_logits` and `evaluate.target_log_probs`);
+    then on the host's default device the mixture (`ensemble.ensemble_log_probs`, the posterior weights
+    reset at every row) and the argmax of the mixture over the vocabulary for the greedy flag.
+    `generate`: greedy decoding from the mixture, one KV cache per expert (`ensemble.EnsembleDecoding`).
+    Stream sets on one backbone (`branch --streams-only`) each run the backbone here."""
+
+    def __init__(self, paths: Sequence[str], weighting: str = "posterior", overrides: Sequence[str] = (),
+                 prior_text: str | None = None):
+        runs = open_runs(paths, overrides)
+        self.weighting = weighting
+        how = parse_weighting(weighting, len(runs))
+        if prior_text is not None and how.kind != "posterior":
+            raise ConfigError("--prior-text", f"a prior is what the posterior weighting starts from, not '{weighting}'")
+        self.posterior = how.kind == "posterior"
+        self.tokenizer: Tokenizer = load_tokenizer(runs[0].config.data)
+        prior_rows = text_rows(runs[0], prior_text) if prior_text else None
+        self.experts: list[Expert] = load_experts([str(p) for p in paths], runs)
+        self.prior = None if prior_rows is None else estimate_prior(self.experts, prior_rows,
+                                                                    runs[0].config.train.batch_size)
+        self.log_base_J = how.log_base(len(self.experts), self.prior)
+        self.max_length = min(e.run.config.model.max_position_embeddings for e in self.experts)
+        self.step = self.experts[0].step  # the first run's: `describe` has every run's
+        self._steps: dict[tuple[int, int], Callable] = {}
+        self._generators: dict[tuple[int, int, int], list[Generator]] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"ensemble": [{"run_dir": e.path, "step": e.step, "parscale_n": e.run.config.model.parscale_n}
+                             for e in self.experts],
+                "weighting": self.weighting, "prior": None if self.prior is None else [float(p) for p in self.prior],
+                "tokenizer": str(self.experts[0].run.config.data.tokenizer)}
+
+    def rows_per_batch(self, batch_size: int) -> int:
+        """`batch_size` rounded up to a multiple of every expert's mesh's `data` axis."""
+        data = math.lcm(*(e.layout.mesh.shape.get("data", 1) for e in self.experts))
+        return -(-batch_size // data) * data
+
+    def _expert_step(self, j: int, K: int) -> Callable:
+        """Expert j's (log p(target) `[B, S]`, log-probabilities over the vocabulary at the K scored
+        positions `[B, K, V]`) on a placed batch, compiled once per K."""
+        if (j, K) not in self._steps:
+            expert = self.experts[j]
+            graphdef, layout = expert.graphdef, expert.layout
+
+            def step(params, batch):
+                logits_BSV, _ = model_logits(params, graphdef, batch)
+                log_p_BS, log_z_BS = target_log_probs(logits_BSV, batch["targets"])
+                at_BK = scored_positions(batch["loss_mask"], K)
+                log_p_BKV = (jnp.take_along_axis(logits_BSV, at_BK[..., None], axis=1)
+                             - jnp.take_along_axis(log_z_BS, at_BK, axis=1)[..., None])
+                return log_p_BS, log_p_BKV
+
+            shardings = jax.tree.map(lambda x: x.sharding, expert.params)
+            self._steps[j, K] = jax.jit(step, in_shardings=(shardings, layout.batch_sharding()),
+                                        out_shardings=layout.replicated())
+        return self._steps[j, K]
+
+    def score(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+        """(summed mixture log p of each row's scored targets `[B]`, whether each is the mixture's argmax `[B]`)."""
+        K = bucket(int((rows["loss_mask"] > 0).sum(axis=1).max()), rows["loss_mask"].shape[1])
+        log_probs, log_p_vocab = [], []
+        for j, expert in enumerate(self.experts):
+            with jax.set_mesh(expert.layout.mesh):
+                log_p_BS, log_p_BKV = self._expert_step(j, K)(
+                    expert.params, next(expert.layout.placed([rows], len(rows["tokens"]))))
+            log_probs.append(np.asarray(log_p_BS))
+            log_p_vocab.append(np.asarray(log_p_BKV))
+        log_p_B, greedy_B = mixture_scores(np.stack(log_probs), np.stack(log_p_vocab), dict(rows),
+                                           jnp.asarray(self.log_base_J), self.posterior)
+        return np.asarray(log_p_B, np.float64), np.asarray(greedy_B)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, pad_to: int,
+                 done: Callable[[int, list[int]], bool]) -> list[list[int]]:
+        """Greedy continuations of `prompts` by the mixture (left-padded to `pad_to`), up to `max_new_tokens`
+        each, until `done(row, tokens so far)` holds for every row."""
+        B, max_len = len(prompts), min(self.max_length, pad_to + max_new_tokens)
+        greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+        key = (B, max_len, max_new_tokens)
+        if key not in self._generators:
+            self._generators[key] = []
+            for expert in self.experts:
+                with jax.set_mesh(expert.layout.mesh):
+                    self._generators[key].append(Generator(expert.graphdef, expert.run.config.model, expert.layout,
+                                                           B, max_len, greedy, score_prompt=self.posterior))
+        decodings = [g.start(e.params, prompts, pad_to) for g, e in zip(self._generators[key], self.experts)]
+        mixture = EnsembleDecoding(self.experts, decodings, self.log_base_J, self.posterior, greedy)
+        return greedy_until(mixture.advance, decodings[0].new_tokens, done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,3 +571,57 @@ def evaluate_run_tasks(run: Run, names: Sequence[str], num_fewshot: int | None =
     model = HarnessModel(scorer=RunScorer(run, step), batch_size=batch_size)
     result = evaluate_tasks(model, names, num_fewshot, limit, include_paths)
     return {"step": model.scorer.step, "tasks": list(names), "num_fewshot": num_fewshot, "limit": limit, **result}
+
+
+def evaluate_ensemble_tasks(paths: Sequence[str], names: Sequence[str], num_fewshot: int | None = None,
+                            limit: float | None = None, include_paths: Sequence[str] = (), batch_size: int = 16,
+                            weighting: str = "posterior", overrides: Sequence[str] = (),
+                            prior_text: str | None = None) -> dict[str, Any]:
+    """`evaluate_tasks` of the ensemble of the runs `paths` (each at its newest checkpoint, under
+    `overrides`), weighted by `weighting` (posterior, uniform, fixed:w1,...)."""
+    resolve_tasks(names, include_paths)  # a bad name fails before the weights load
+    scorer = EnsembleScorer(paths, weighting, overrides, prior_text)
+    result = evaluate_tasks(HarnessModel(scorer=scorer, batch_size=batch_size), names, num_fewshot, limit,
+                            include_paths)
+    described = scorer.describe()
+    return {"ensemble": described["ensemble"], "weighting": weighting, "prior": described["prior"],
+            "tasks": list(names), "num_fewshot": num_fewshot, "limit": limit, **result}
+
+
+class PeriodicTasks:
+    """`train.eval_tasks` during training (training/loop.py): the tasks resolved once, before the first
+    step (an unknown name fails then), and each evaluation scoring the loop's current weights. Each
+    task is evaluated on its own; one that fails is reported once and stops nothing."""
+
+    def __init__(self, run: Run):
+        t = run.config.train
+        self.run, self.names = run, list(t.eval_tasks)
+        self.limit = None if t.eval_tasks_limit == 0 else int(t.eval_tasks_limit) if t.eval_tasks_limit >= 1 \
+            else t.eval_tasks_limit
+        try:
+            resolve_tasks(self.names)
+        except ConfigError as err:  # named by the setting, not by `eval`'s flag
+            raise ConfigError("train.eval_tasks", str(err).removeprefix(f"{err.key}: ")) from None
+        self.scorer: RunScorer | None = None
+        self.reported: set[str] = set()
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on every task it builds, at every evaluation
+
+    def scores(self, step: int, params: dict, layout: Layout, model: ModelConfig,
+               report: Callable[[str], None]) -> dict[str, float]:
+        """{"tasks/<task>/<metric>": value} of `params` (a `model` on `layout`) after `step` updates."""
+        if self.scorer is None or self.scorer.config.model != model:  # first, or the model grew
+            self.scorer = RunScorer(self.run, step, (params, layout, model))
+        self.scorer.params, self.scorer.step = params, step
+        harness_model = HarnessModel(scorer=self.scorer)
+        record = {}
+        for name in self.names:
+            try:
+                scores = evaluate_tasks(harness_model, [name], limit=self.limit)["scores"]
+            except Exception as err:  # a task's failure is the task's: training goes on
+                if name not in self.reported:
+                    self.reported.add(name)
+                    report(f"step {step}: train.eval_tasks: {name} failed ({type(err).__name__}: {err}); training "
+                           "goes on without it (reported once)")
+                continue
+            record.update({f"tasks/{s['task']}/{s['metric']}": s["value"] for s in scores})
+        return record

@@ -51,6 +51,7 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
     run = Run(Path(run_dir), config)
     run.check_config(override_config)
     layout = Layout.create(config)  # checks the mesh against the devices before anything compiles
+    tasks = periodic_tasks(run) if config.train.eval_tasks else None  # and the tasks' names
     if jax.process_index() == 0:
         print(f"run directory: {run.directory.absolute()}", flush=True)
     my_rows = layout.process_rows(config.train.batch_size)
@@ -61,10 +62,19 @@ def train(config: Config, run_dir: str | Path, progress: bool = True, stop_at: i
         run.save_config()
         if start == 0:
             run.record_fresh_start()
-        loop = _Loop(run, layout, checkpointer, train_iter, held_out, stop_requests, progress)
+        loop = _Loop(run, layout, checkpointer, train_iter, held_out, stop_requests, progress, tasks)
         last = loop.train_steps(start, min(stop_at or config.train.steps, config.train.steps), state, frozen)
         loop.close()
         return last
+
+
+def periodic_tasks(run: Run):
+    """`train.eval_tasks` resolved before the first step (inference/harness.py, the optional `eval` extra)."""
+    try:
+        from parscale_jax.inference.harness import PeriodicTasks
+    except ConfigError as err:  # the extra is missing
+        raise ConfigError("train.eval_tasks", str(err).removeprefix(f"{err.key}: ")) from None
+    return PeriodicTasks(run)
 
 
 @dataclasses.dataclass
@@ -81,8 +91,8 @@ class _Loop:
     the steps in flight, the logger and the progress bar."""
 
     def __init__(self, run: Run, layout: Layout, checkpointer: Checkpointer, train_iter, held_out: list[dict],
-                 stop_requests, progress):
-        self.run, self.config, self.layout = run, run.config, layout
+                 stop_requests, progress, tasks=None):
+        self.run, self.config, self.layout, self.tasks = run, run.config, layout, tasks
         self.checkpointer, self.train_iter, self.held_out = checkpointer, train_iter, held_out
         self.stop_requests = stop_requests
         self.progress = progress
@@ -139,14 +149,17 @@ class _Loop:
             self.bar.update(1)
             logs = step % t.log_every == 0 or step == t.steps
             evaluates = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+            scores_tasks = self.tasks and (step == t.steps or (t.eval_tasks_every and step % t.eval_tasks_every == 0))
             stop_signal = self.stop_requests.agreed()
             saves = step % self.config.checkpoint.every == 0 or step == end or stop_signal
             # The host reads each step's flags a few steps late, so that the device never waits for it;
             # everything is read before a step is logged, evaluated or saved.
-            self.read_flags(0 if logs or evaluates or saves else STEPS_IN_FLIGHT)
+            self.read_flags(0 if logs or evaluates or scores_tasks or saves else STEPS_IN_FLIGHT)
             record = self.logged(step, metrics, plan) if logs else {}
             if evaluates:
                 record.update(self.evaluated(step, plan))
+            if scores_tasks:
+                record.update(self.scored(step))
             if saves:
                 self.checkpointer.save(step, self.state, self.train_iter, to_dict(self.config))
             return record, stop_signal
@@ -207,6 +220,14 @@ class _Loop:
                              self.layout, plan.eval_masks())
         self.window_eval_s += time.perf_counter() - eval_start
         return {"step": step, "flops": plan.flops, "eval_loss": loss}
+
+    def scored(self, step: int) -> dict[str, Any]:
+        """The downstream tasks' scores of the state after `step` updates (left out of the throughput)."""
+        start = time.perf_counter()
+        params = merge_params(self.frozen, self.state["params"])
+        scores = self.tasks.scores(step, params, self.layout.for_model(self.model), self.model, self.say)
+        self.window_eval_s += time.perf_counter() - start
+        return {"step": step, **scores}
 
     def close(self) -> None:
         if self.bar is not None:
