@@ -139,8 +139,9 @@ class RunScorer:
     """One run at a checkpoint on its mesh: summed log-probabilities of rows, and greedy generation."""
 
     def __init__(self, run: Run, step: int | None = None, weights: tuple[dict, Layout, ModelConfig] | None = None):
-        """`weights`: (parameters, the layout they are on, their model) in memory instead of a
-        checkpoint's, e.g. a training run's at `step` (whose model may have grown: training/loop.py)."""
+        """`weights`: (parameters, the layout of the mesh they are on, their model) in memory instead of
+        a checkpoint's, e.g. a training run's at `step` (whose model may have grown: training/loop.py;
+        scoring needs only the mesh, generation lays its cache out for the model)."""
         if weights is None:
             run = run.settled(step, "eval")
             self.layout = Layout.create(run.config)
@@ -190,7 +191,8 @@ class RunScorer:
         key = (B, max_len, max_new_tokens)
         with jax.set_mesh(self.layout.mesh):
             if key not in self._generators:
-                self._generators[key] = Generator(self.graphdef, self.config.model, self.layout, B, max_len,
+                self._generators[key] = Generator(self.graphdef, self.config.model,
+                                                  self.layout.for_model(self.config.model), B, max_len,
                                                   SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0))
             decoding = self._generators[key].start(self.params, prompts, pad_to)
             return greedy_until(decoding.advance, decoding.new_tokens, done)

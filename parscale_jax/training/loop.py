@@ -156,10 +156,8 @@ class _Loop:
             # everything is read before a step is logged, evaluated or saved.
             self.read_flags(0 if logs or evaluates or scores_tasks or saves else STEPS_IN_FLIGHT)
             record = self.logged(step, metrics, plan) if logs else {}
-            if evaluates:
-                record.update(self.evaluated(step, plan))
-            if scores_tasks:
-                record.update(self.scored(step))
+            if evaluates or scores_tasks:
+                record.update(self.evaluated(step, plan, bool(evaluates), bool(scores_tasks)))
             if saves:
                 self.checkpointer.save(step, self.state, self.train_iter, to_dict(self.config))
             return record, stop_signal
@@ -213,21 +211,19 @@ class _Loop:
         self.window_start, self.window_tokens, self.window_eval_s = time.perf_counter(), 0, 0.0
         return record
 
-    def evaluated(self, step: int, plan: StepPlan) -> dict[str, Any]:
-        """The held-out loss of the state after `step` updates (its time left out of the throughput)."""
-        eval_start = time.perf_counter()
-        loss = held_out_loss(self.steps.eval_step, merge_params(self.frozen, self.state["params"]), self.held_out,
-                             self.layout, plan.eval_masks())
-        self.window_eval_s += time.perf_counter() - eval_start
-        return {"step": step, "flops": plan.flops, "eval_loss": loss}
-
-    def scored(self, step: int) -> dict[str, Any]:
-        """The downstream tasks' scores of the state after `step` updates (left out of the throughput)."""
+    def evaluated(self, step: int, plan: StepPlan, loss: bool, tasks: bool) -> dict[str, Any]:
+        """The held-out loss (`loss`) and the downstream tasks' scores (`tasks`) of the state after `step`
+        updates; their time is left out of the throughput."""
         start = time.perf_counter()
         params = merge_params(self.frozen, self.state["params"])
-        scores = self.tasks.scores(step, params, self.layout.for_model(self.model), self.model, self.say)
+        record = {"step": step, "flops": plan.flops}
+        if loss:
+            record["eval_loss"] = held_out_loss(self.steps.eval_step, params, self.held_out, self.layout,
+                                                plan.eval_masks())
+        if tasks:
+            record.update(self.tasks.scores(step, params, self.layout, self.model, self.say))
         self.window_eval_s += time.perf_counter() - start
-        return {"step": step, **scores}
+        return record
 
     def close(self) -> None:
         if self.bar is not None:
