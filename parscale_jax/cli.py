@@ -430,6 +430,18 @@ def cmd_bench_btm(args: argparse.Namespace) -> int:
                         lambda path: bench_btm.plot(result, path), config=args.config, overrides=args.overrides)
 
 
+def cmd_bench_tasks(args: argparse.Namespace) -> int:
+    from parscale_jax.analysis import bench_tasks
+
+    options = bench_tasks.TasksOptions(tasks=tuple(t for t in args.tasks.split(",") if t), limit=args.limit,
+                                       batch_size=args.batch_size, repeats=args.repeats, max_length=args.max_length,
+                                       streams=args.tasks_streams)
+    started = time.perf_counter()
+    result = bench_tasks.run(Path(args.hf), Path(args.work), options, args.overrides)
+    return finish_bench("tasks", result, started, args, bench_tasks.format_report,
+                        lambda path: bench_tasks.plot(result, path), source=args.hf, overrides=args.overrides)
+
+
 def cmd_fit_law(args: argparse.Namespace) -> int:
     from parscale_jax.analysis import scaling_law
 
@@ -536,8 +548,8 @@ COMMANDS = (
         option("--batches", type=int, default=0, help="stop after this many batches (0: all)"),
         option("--tasks", metavar="NAME[,NAME...]",
                help="downstream tasks of the lm-evaluation-harness instead of the loss (the extra "
-                    "parscale-jax[eval]): its task names, shakespeare_mc, facts_qa, facts_gen (shipped here), "
-                    "or those of --include-path (docs/evaluation.md)"),
+                    "parscale-jax[eval]): its task names, shakespeare_mc, shakespeare_cloze, facts_qa, facts_gen "
+                    "(shipped here), or those of --include-path (docs/evaluation.md)"),
         option("--num-fewshot", type=int, help="with --tasks: examples in each prompt (default: each task's)"),
         option("--limit", type=float, help="with --tasks: at most this many examples per task (< 1: a fraction)"),
         option("--include-path", action="append", metavar="DIR",
@@ -715,7 +727,27 @@ COMMANDS = (
                             option("--work", default="bench/btm-work", help="where the runs go (resumed if there)"),
                             out("where btm.json and btm.png go", default="bench/results"),
                             NO_PROGRESS,
-                            overrides("e.g. train.batch_size=8"))))),
+                            overrides("e.g. train.batch_size=8"))),
+                Command("tasks", cmd_bench_tasks, "our lm-evaluation-harness adapter against the harness's "
+                        "transformers model on the same checkpoint and tasks: requests/s side by side, and the "
+                        "scores of the model (P = 1, ours and transformers) and of it recycled with P streams",
+                        options=(
+                            option("--hf", "--gguf", dest="hf", required=True, metavar="DIR_OR_GGUF",
+                                   help="the pretrained checkpoint (as for import)"),
+                            option("--tasks", default="facts_qa,shakespeare_mc,facts_gen",
+                                   help="comma-separated task names (default: the local tasks)"),
+                            option("--limit", type=float, help="at most N examples per task (below 1: a fraction)"),
+                            option("--batch-size", type=int, default=16, help="rows per model call, both models"),
+                            option("--repeats", type=int, default=3,
+                                   help="timed passes per model after a warm-up; the fastest counts"),
+                            option("--max-length", type=int,
+                                   help="both models' maximum length (default: the model's positions)"),
+                            option("--streams", dest="tasks_streams", type=int, default=2, metavar="P",
+                                   help="P of the recycled run"),
+                            option("--work", default="bench/tasks-work",
+                                   help="where the imported runs go (reused if there)"),
+                            out("where tasks.json and tasks.png go", default="bench/results"),
+                            overrides("data settings of the imported runs (their new streams' contexts)"))))),
     Command("fit-law", cmd_fit_law, "fit the parallel scaling law L = (A / (N (k ln P + 1)))^alpha + E to measured "
             "losses", description="RESULTS is a CSV with columns non_embedding_params (or N), P and final_loss (or "
             "eval_loss, loss). The fit is the paper's: Huber loss on log losses, L-BFGS-B from a grid of starts.",

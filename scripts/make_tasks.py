@@ -1,11 +1,15 @@
 """Write the examples of the local downstream tasks (parscale_jax/tasks/*.jsonl), deterministically.
 
-    python scripts/make_tasks.py          # rewrites shakespeare_mc.jsonl, facts_qa.jsonl, facts_gen.jsonl
+    python scripts/make_tasks.py   # rewrites shakespeare_mc, shakespeare_cloze, facts_qa, facts_gen (.jsonl)
 
 - shakespeare_mc: 100 speeches of the default config's held-out plays (data.eval_fraction,
   data.seed: text no default run trains on). The context is the speaker's name and the speech's
   first two lines; the choices are its true third line and three lines of other speeches (at least
   20 characters each, no stage directions), in a seeded order.
+- shakespeare_cloze: the same speeches, the context running on into the third line and stopping
+  inside a word; the choices are the rest of that line and as many characters of three lines of
+  other speeches, from inside a word as well. Finishing a word is a cue even a small byte-level model
+  learns, so the task separates a trained toy model from an untrained one (shakespeare_mc does not).
 - facts_qa / facts_gen: the facts below, a prompt whose true completion a small pretrained English
   model knows, and three wrong completions of the same kind.
 """
@@ -103,6 +107,32 @@ def shakespeare_items() -> list[dict]:
     return items
 
 
+def cut_inside_a_word(line: str, rng: random.Random) -> int:
+    """A position inside one of the line's words, after at least its first letter (from the 6th character)."""
+    inside = [i for i in range(6, len(line) - 4) if line[i - 1].isalpha() and line[i].isalpha()]
+    return rng.choice(inside) if inside else len(line) // 2
+
+
+def shakespeare_cloze_items() -> list[dict]:
+    items = []
+    rng = random.Random(SEED + 1)
+    others = [line for item in shakespeare_items() for line in item["choices"]]
+    for item in shakespeare_items():
+        target = item["choices"][item["answer"]]
+        cut = cut_inside_a_word(target, rng)
+        wrong: list[str] = []
+        while len(wrong) < 3:  # as long as the true rest: the choices' lengths say nothing
+            line = rng.choice(others)
+            rest = line[cut_inside_a_word(line, rng):][:len(target) - cut]
+            if line != target and len(rest) == len(target) - cut and rest not in wrong and rest != target[cut:]:
+                wrong.append(rest)
+        choices = wrong + [target[cut:]]
+        rng.shuffle(choices)
+        items.append({"context": item["context"] + target[:cut], "choices": choices,
+                      "answer": choices.index(target[cut:])})
+    return items
+
+
 def fact_items() -> tuple[list[dict], list[dict]]:
     rng = random.Random(SEED)
     mc, gen = [], []
@@ -122,6 +152,7 @@ def write(name: str, items: list[dict]) -> None:
 
 if __name__ == "__main__":
     write("shakespeare_mc", shakespeare_items())
+    write("shakespeare_cloze", shakespeare_cloze_items())
     facts_mc, facts_gen = fact_items()
     write("facts_qa", facts_mc)
     write("facts_gen", facts_gen)

@@ -141,3 +141,40 @@ def test_bench_btm_measures_every_method_against_the_dense_model_of_equal_comput
     assert main(args) == 0  # again: every run finished and every method measured already
     out = capsys.readouterr().out
     assert "training" not in out and out.count("measured already") == len(methods)
+
+
+def test_bench_tasks_times_our_adapter_against_the_harness_transformers_model(tmp_path, capsys):
+    """`bench tasks` on a tiny Llama written as a Hugging Face checkpoint: every figure of every task
+    (requests, both models' requests/s and their ratio, our compilation), the same scores for ours and
+    transformers' on the same model, and the recycled P = 2 run's scores."""
+    import jax
+    import numpy as np
+
+    from parscale_jax.interop import hf
+    from parscale_jax.model import init_params
+
+    config = load_config(overrides=[*BASE, "model.parscale_n=1", "model.init_std=0.1", "model.qkv_bias=false"])
+    hf_dir = hf.write_hf_checkpoint(tmp_path / "hf", jax.tree.map(np.asarray, init_params(config.model, 3)),
+                                    config.model, "byte")
+    corpus = tmp_path / "corpus.txt"  # the recycled run's contexts: a small corpus reads fast
+    corpus.write_text("To be, or not to be, that is the question:\n" * 50)
+    assert main(["bench", "tasks", "--hf", str(hf_dir), "--tasks", "facts_qa,facts_gen", "--limit", "4",
+                 "--repeats", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                 "data.corpus=files", f"data.paths=[{corpus}]"]) == 0
+    result = json.loads((tmp_path / "out" / "tasks.json").read_text())
+    rows = {r["task"]: r for r in result["rows"]}
+    assert list(rows) == ["facts_qa", "facts_gen"]
+    assert [rows[t]["requests"] for t in rows] == [16, 4]  # 4 examples x 4 choices; 4 generations
+    for r in rows.values():
+        assert r["ours_requests_per_s"] > 0 and r["hf_requests_per_s"] > 0 and r["ours_compile_s"] >= 0
+        assert r["ratio"] == pytest.approx(r["ours_requests_per_s"] / r["hf_requests_per_s"])
+        assert r["ours_requests_per_s"] == pytest.approx(r["requests"] / r["ours_s"])
+        assert len(r["ours_passes_s"]) == len(r["hf_passes_s"]) == 1
+        assert r["same_scores"] and r["scores"]["ours"] == r["scores"]["hf"]
+        assert set(r["scores"]["recycled"]) == set(r["scores"]["ours"])
+    assert set(rows["facts_qa"]["scores"]["ours"]) == {"acc"} and set(rows["facts_gen"]["scores"]["ours"]) == {
+        "exact_match"}
+    assert result["options"]["streams"] == 2 and set(result["runs"]) == {"p1", "p2"}
+    assert result["machine"]["torch_threads"] >= 1 and result["versions"]["lm_eval"]
+    out = capsys.readouterr().out
+    assert "ours req/s" in out and "scores of ours and hf the same on every task" in out
