@@ -45,6 +45,17 @@ def torch_single_thread():
     torch.set_num_threads(threads)
 
 
+# The files that take longest, run first: the test processes then finish together instead of one
+# running a long file alone at the end (pytest-xdist hands out whole files in collection order).
+LONGEST_FIRST = ("test_recycle.py", "test_sharding.py", "test_reliability.py", "test_bench.py", "test_plan.py",
+                 "test_lm_eval.py", "test_train.py", "test_ensemble.py", "test_moe.py", "test_growth.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 def pytest_sessionfinish(session, exitstatus):
     """A skipped test is a failed run: every test here must run on the machine that runs the suite
     (missing torch, transformers or libtpu would otherwise pass silently)."""
