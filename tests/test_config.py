@@ -485,6 +485,8 @@ def plausible_override(draw):
     elif key == "train.growth":
         value = draw(st.lists(st.fixed_dictionaries({"step": st.integers(0, 400), "num_layers": st.integers(1, 8),
                                                      "ramp_steps": st.integers(0, 50)}), max_size=2))
+    elif key == "train.eval_tasks":
+        value = draw(st.lists(st.sampled_from(["shakespeare_mc", "facts_qa"]), max_size=2))
     else:  # data.paths, data.sources (bare paths are sources of weight 1)
         value = draw(st.lists(st.sampled_from(["a.txt", "b.jsonl", "corpus/"]), max_size=2))
     return key, value
@@ -511,5 +513,7 @@ def test_plausible_overrides_are_applied_exactly(pairs):
             assert got == tuple(SourceConfig(path=path) for path in absolute(*value)), key
         elif key == "train.growth":
             assert got == tuple(GrowthStage(**stage) for stage in value), key
+        elif key == "train.eval_tasks":
+            assert got == tuple(value), key
         else:  # head_dim
             assert got == value, key
